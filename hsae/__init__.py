@@ -1,0 +1,1 @@
+"""hsae: Hierarchical Sparse Autoencoders."""

@@ -1,0 +1,159 @@
+"""Configuration dataclasses. Each field is also a command-line flag (see `cli.py`).
+
+Defaults are the paper's (section 4, appendix A) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+Similarity = Literal["encoder", "decoder", "coactivation"]
+TreeVariant = Literal["partial", "full", "binary", "fixed"]
+Links = Literal["joint", "posthoc"]
+DeadLatents = Literal["ghost_grads", "none"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line for the user."""
+
+
+@dataclass
+class HSAEConfig:
+    """The model and the method: levels, loss weights, hierarchy rule."""
+
+    sizes: tuple[int, ...] = (2048, 4096, 8192, 16384)
+    """Dictionary size n_l of each level, strictly increasing."""
+    target_l0: float = 50.0
+    """Wanted mean number of active features per token, every level."""
+    rho: float = 0.01
+    """Weight of the parent-children constraint loss L_PC."""
+    perturb_rate: float = 0.05
+    """Rate r at which a parent with children is substituted by its children."""
+    bandwidth: float = 0.05
+    """Width eps of the rectangle kernel in the straight-through estimator.
+
+    Relative to inputs scaled so that E||s x|| = sqrt(d), i.e. pre-activations of order 1."""
+    similarity: Similarity = "encoder"
+    """Parent choice: cosine of encoder columns, of decoder rows, or EMA co-activation."""
+    tree: TreeVariant = "partial"
+    """partial (paper), full (quantile 0), binary (<= 2 children), fixed (frozen after 1st update)."""
+    unassigned_quantile: float = 0.2
+    """Children whose best similarity is in this bottom quantile get no parent (partial tree)."""
+    update_every: int = 5000
+    """Steps between hierarchy updates; the first happens at step `update_every`."""
+    links: Links = "joint"
+    """joint: HSAE. posthoc: no links while training, one hierarchy update at the end."""
+    coact_momentum: float = 0.999
+    """EMA momentum of the co-activation statistics (similarity = coactivation)."""
+
+    def validate(self) -> None:
+        if len(self.sizes) < 1 or any(n <= 0 for n in self.sizes):
+            raise ConfigError(f"sizes must be positive integers, got {list(self.sizes)}")
+        if any(b <= a for a, b in zip(self.sizes, self.sizes[1:])):
+            raise ConfigError(f"sizes must be strictly increasing, got {list(self.sizes)}")
+        if self.target_l0 <= 0 or self.target_l0 >= min(self.sizes):
+            raise ConfigError(
+                f"target_l0 must lie in (0, {min(self.sizes)}), got {self.target_l0}"
+            )
+        for name in ("perturb_rate", "unassigned_quantile", "coact_momentum"):
+            _check_unit(name, getattr(self, name))
+        if self.rho < 0:
+            raise ConfigError(f"rho must be >= 0, got {self.rho}")
+        if self.bandwidth <= 0:
+            raise ConfigError(f"bandwidth must be > 0, got {self.bandwidth}")
+        if self.update_every <= 0:
+            raise ConfigError(f"update_every must be > 0, got {self.update_every}")
+        _check_choice("similarity", self.similarity, Similarity)
+        _check_choice("tree", self.tree, TreeVariant)
+        _check_choice("links", self.links, Links)
+
+    def baseline(self) -> HSAEConfig:
+        """The paper's post-hoc baseline: same SAEs, rho = 0, r = 0, links made at the end."""
+        return dataclasses.replace(self, rho=0.0, perturb_rate=0.0, links="posthoc")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (appendix A): Adam, cosine schedule, sparsity control, checkpoints."""
+
+    steps: int = 100_000
+    batch_size: int = 1024
+    lr: float = 5e-4
+    warmup_frac: float = 0.1
+    """Linear warm-up over this fraction of steps, then cosine decay to 0."""
+    beta1: float = 0.0
+    beta2: float = 0.995
+    seed: int = 0
+    l0_ema_momentum: float = 0.999
+    """Momentum of the per-level L0 EMA used by the sparsity controller."""
+    eta: float = 0.001
+    """Decay rate of the wanted L0 trajectory: dL0* = -eta (L0_ema - target)."""
+    lambda_init: float = 1e-3
+    """Initial sparsity weight of every level."""
+    lambda_step: float = 0.01
+    """Multiplicative step of the controller: lambda *= exp(+-lambda_step) per step."""
+    dead_latents: DeadLatents = "ghost_grads"
+    """Dead-latent handling: ghost grads (Jermyn & Templeton 2024) or none."""
+    dead_after: int = 1000
+    """A feature that has not fired for this many steps counts as dead."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints (0: none)."""
+    scale_tokens: int = 65536
+    """Tokens used to estimate the input scale s before training."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "dead_after", "scale_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        for name in ("warmup_frac", "beta1", "beta2", "l0_ema_momentum", "eta"):
+            _check_unit(name, getattr(self, name))
+        for name in ("lr", "lambda_init", "lambda_step"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        _check_choice("dead_latents", self.dead_latents, DeadLatents)
+
+
+@dataclass
+class RunConfig:
+    """Everything `hsae train` needs; saved in checkpoints and in hsae.json."""
+
+    model: HSAEConfig = field(default_factory=HSAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunConfig:
+        model = _build(HSAEConfig, data.get("model", {}))
+        train = _build(TrainConfig, data.get("train", {}))
+        model.sizes = tuple(int(n) for n in model.sizes)
+        return cls(model=model, train=train)
+
+
+def _build(kind: type, data: dict):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown {kind.__name__} field(s): {', '.join(unknown)}")
+    return kind(**data)
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    allowed = choices.__args__
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Activation sources: synthetic planted forests (ground truth) and LLM activations."""

@@ -1,0 +1,145 @@
+"""Parent-child links between adjacent levels and the hierarchy update (section 3.3).
+
+The hierarchy is stored as one int array per level pair: `parents[l][j]` is the parent in
+level l of feature j of level l+1, or -1 (unassigned). Children sets C(l, i) are derived
+from it and are disjoint by construction.
+
+Update rule: S[j, i] = similarity of child j and candidate parent i;
+parent(j) = argmax_i S[j, i]; the children whose best similarity lies in the bottom
+`unassigned_quantile` get -1 (partial tree). Variants (appendix F.3): full (quantile 0),
+binary (at most two children per parent), fixed (frozen after the first update).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hsae.config import HSAEConfig
+from hsae.model import HSAE
+
+
+def unlinked(sizes: tuple[int, ...], device: torch.device | str = "cpu") -> list[Tensor]:
+    """A hierarchy with no links: early training, before the first update."""
+    return [torch.full((n,), -1, dtype=torch.long, device=device) for n in sizes[1:]]
+
+
+def has_children(parent: Tensor, n_parents: int) -> Tensor:
+    """[n_parents] bool: C(l, i) is not empty."""
+    out = torch.zeros(n_parents, dtype=torch.bool, device=parent.device)
+    out[parent[parent >= 0]] = True
+    return out
+
+
+def children_lists(parent: Tensor, n_parents: int) -> list[list[int]]:
+    """C(l, i) for every i, as Python lists (for reports and exploration)."""
+    out: list[list[int]] = [[] for _ in range(n_parents)]
+    for child, p in enumerate(parent.tolist()):
+        if p >= 0:
+            out[p].append(child)
+    return out
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    b = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return a @ b.T
+
+
+@torch.no_grad()
+def similarity(model: HSAE, level: int, kind: str, coact: Tensor | None = None) -> Tensor:
+    """S[j, i] between child j (level l+1) and candidate parent i (level l)."""
+    if kind == "encoder":
+        return _cosine(model.W_enc[level + 1].T, model.W_enc[level].T)
+    if kind == "decoder":
+        return _cosine(model.W_dec[level + 1], model.W_dec[level])
+    if kind == "coactivation":
+        if coact is None:
+            raise ValueError("coactivation similarity needs co-activation statistics")
+        return coact
+    raise ValueError(f"unknown similarity {kind!r}")
+
+
+def assign_parents(S: Tensor, tree: str, unassigned_quantile: float) -> Tensor:
+    """parent(j) = argmax_i S[j, i], with the bottom quantile of children left unassigned.
+
+    Exactly floor(q * n_children) children get -1 (ties broken by index), except for the
+    full tree, where every child gets a parent."""
+    best, parent = S.max(dim=1)
+    q = 0.0 if tree == "full" else unassigned_quantile
+    n_unassigned = int(q * S.shape[0])
+    if n_unassigned > 0:
+        order = torch.sort(best, stable=True).indices
+        parent[order[:n_unassigned]] = -1
+    if tree == "binary":
+        parent = _cap_children(S, parent >= 0, capacity=2)
+    return parent
+
+
+def _cap_children(S: Tensor, eligible: Tensor, capacity: int) -> Tensor:
+    """Greedy assignment with at most `capacity` children per parent.
+
+    Children take their parents in decreasing order of best similarity; a child whose
+    preferred parents are full takes its best parent with room left, or -1 if none has."""
+    parent = torch.full((S.shape[0],), -1, dtype=torch.long, device=S.device)
+    room = torch.full((S.shape[1],), capacity, dtype=torch.long, device=S.device)
+    best = S.max(dim=1).values
+    for j in torch.sort(best, descending=True, stable=True).indices.tolist():
+        if not eligible[j] or not bool((room > 0).any()):
+            continue
+        scores = S[j].masked_fill(room == 0, float("-inf"))
+        i = int(scores.argmax())
+        parent[j] = i
+        room[i] -= 1
+    return parent
+
+
+class Hierarchy:
+    """The parent arrays of an HSAE and the rule that updates them."""
+
+    def __init__(self, cfg: HSAEConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.parents = unlinked(cfg.sizes, device)
+        self.frozen = False
+        self.coact: list[Tensor] | None = None
+        if cfg.similarity == "coactivation":
+            self.coact = [
+                torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])
+            ]
+
+    def has_children(self, level: int) -> Tensor:
+        return has_children(self.parents[level], self.cfg.sizes[level])
+
+    @torch.no_grad()
+    def observe(self, acts: list[Tensor]) -> None:
+        """EMA of the fraction of tokens on which child j and parent i both fire."""
+        if self.coact is None:
+            return
+        m = self.cfg.coact_momentum
+        fired = [(a > 0).to(a.dtype) for a in acts]
+        for level, stats in enumerate(self.coact):
+            both = fired[level + 1].T @ fired[level] / fired[level].shape[0]
+            stats.mul_(m).add_(both, alpha=1 - m)
+
+    @torch.no_grad()
+    def update(self, model: HSAE) -> None:
+        """One hierarchy update with the model's parameters fixed."""
+        if self.frozen:
+            return
+        for level in range(len(self.parents)):
+            coact = self.coact[level] if self.coact is not None else None
+            S = similarity(model, level, self.cfg.similarity, coact)
+            self.parents[level] = assign_parents(S, self.cfg.tree, self.cfg.unassigned_quantile)
+        self.frozen = self.cfg.tree == "fixed"
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {f"hierarchy.parents.{i}": p for i, p in enumerate(self.parents)}
+        for i, c in enumerate(self.coact or []):
+            out[f"hierarchy.coact.{i}"] = c
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor], frozen: bool) -> None:
+        self.parents = [tensors[f"hierarchy.parents.{i}"] for i in range(len(self.parents))]
+        if self.coact is not None:
+            self.coact = [tensors[f"hierarchy.coact.{i}"] for i in range(len(self.coact))]
+        self.frozen = frozen

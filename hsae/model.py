@@ -1,0 +1,286 @@
+"""The HSAE model and its loss (paper section 3, DESIGN sections 1 and 3).
+
+L JumpReLU SAE levels read the same (scaled) input x. For level l:
+
+    pi_l(x)  = (x - b_dec,l) W_enc,l + b_enc,l                  pre-activations
+    a_l(x)   = pi_l(x) * H(pi_l(x) - theta_l)                  JumpReLU
+    f_l,i(x) = a_l,i(x) W_dec,l[i]                             one feature's output
+    SAE_l(x) = b_dec,l + sum_i f_l,i(x)
+
+The loss (section 3.1) is
+
+    L = sum_l [ ||SAE~_l(x) - x||^2 + lambda_l sum_i H(pi_l,i - theta_l,i) ]
+        + rho sum_{l<L} sum_{i: C(l,i) != {}} ||f_l,i(x) - sum_{j in C(l,i)} f_l+1,j(x)||^2
+
+where SAE~_l is the perturbed reconstruction of section 3.2: each parent with children is
+substituted by its children with probability r (one draw per feature per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+THRESHOLD_FLOOR = 1e-6  # theta is learned directly and kept positive (DESIGN section 1)
+
+
+def rectangle(u: Tensor) -> Tensor:
+    """Kernel K of the straight-through estimator: 1 on |u| < 1/2."""
+    return (u.abs() < 0.5).to(u.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """a = pi H(pi - theta); d/dtheta uses the pseudo-derivative -(theta/eps) K((pi-theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        grad_pre = grad * (pre > theta)
+        kernel = rectangle((pre - theta) / ctx.eps)
+        grad_theta = -(theta / ctx.eps) * (kernel * grad).sum(0)
+        return grad_pre, grad_theta, None
+
+
+class Step(torch.autograd.Function):
+    """H(pi - theta) for the L0 penalty; only theta gets a gradient: -(1/eps) K((pi-theta)/eps)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        kernel = rectangle((pre - theta) / ctx.eps)
+        grad_theta = -(1.0 / ctx.eps) * (kernel * grad).sum(0)
+        return torch.zeros_like(pre), grad_theta, None
+
+
+class HSAE(nn.Module):
+    """L JumpReLU SAEs of growing size over one input. Works on scaled inputs s*x."""
+
+    def __init__(self, d_in: int, sizes: tuple[int, ...], bandwidth: float, seed: int = 0):
+        super().__init__()
+        self.d_in, self.sizes, self.bandwidth = d_in, tuple(sizes), bandwidth
+        gen = torch.Generator().manual_seed(seed)
+        decoders = [_unit_rows(torch.randn(n, d_in, generator=gen)) for n in sizes]
+        self.W_dec = nn.ParameterList([nn.Parameter(w) for w in decoders])
+        self.W_enc = nn.ParameterList([nn.Parameter(w.T.clone()) for w in decoders])
+        self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
+        self.b_dec = nn.ParameterList([nn.Parameter(torch.zeros(d_in)) for _ in sizes])
+        self.threshold = nn.ParameterList([nn.Parameter(torch.full((n,), 0.1)) for n in sizes])
+        self.register_buffer("scale", torch.tensor(1.0))
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.sizes)
+
+    def pre_acts(self, x: Tensor, level: int) -> Tensor:
+        """pi_l(x) = (x - b_dec,l) W_enc,l + b_enc,l."""
+        return (x - self.b_dec[level]) @ self.W_enc[level] + self.b_enc[level]
+
+    def activate(self, pre: Tensor, level: int) -> Tensor:
+        """a_l = JumpReLU(pi_l) with straight-through gradients for theta."""
+        return JumpReLU.apply(pre, self.threshold[level], self.bandwidth)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        return [self.activate(self.pre_acts(x, level), level) for level in range(self.n_levels)]
+
+    def decode(self, acts: Tensor, level: int) -> Tensor:
+        """SAE_l(x) = b_dec,l + a_l W_dec,l."""
+        return acts @ self.W_dec[level] + self.b_dec[level]
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, target_l0: float) -> None:
+        """b_dec = data mean; theta per feature so that each level starts at the target L0.
+
+        Starting every feature at the firing rate target_l0 / n_l spares the controller the
+        long descent from L0 ~ n/2 that a constant initial threshold gives."""
+        for level, n in enumerate(self.sizes):
+            self.b_dec[level].copy_(x.mean(0))
+            pre = self.pre_acts(x, level)
+            q = 1.0 - target_l0 / n
+            theta = torch.quantile(pre, q, dim=0)
+            self.threshold[level].copy_(theta.clamp(min=max(THRESHOLD_FLOOR, self.bandwidth)))
+
+    @torch.no_grad()
+    def project_decoder_grads(self) -> None:
+        """Drop the radial part of each decoder row's gradient: rows are kept unit norm."""
+        for w in self.W_dec:
+            if w.grad is not None:
+                w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """After every optimiser step: unit decoder rows, positive thresholds."""
+        for w in self.W_dec:
+            w.copy_(_unit_rows(w))
+        for theta in self.threshold:
+            theta.clamp_(min=THRESHOLD_FLOOR)
+
+
+def _unit_rows(w: Tensor) -> Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+# ---------------------------------------------------------------- perturbation (section 3.2)
+
+
+def draw_substitution(has_children: Tensor, rate: float, gen: torch.Generator) -> Tensor:
+    """m over one level: each parent with children is substituted with probability r.
+
+    One Bernoulli per feature per step, shared by the whole batch (DESIGN section 3)."""
+    draw = torch.rand(has_children.shape, generator=gen, device="cpu").to(has_children.device)
+    return (draw < rate) & has_children
+
+
+def perturbed_reconstruction(
+    model: HSAE, recon: Tensor, a: Tensor, a_next: Tensor, level: int, parent_next: Tensor, m: Tensor
+) -> Tensor:
+    """SAE~_l = b_dec,l + (a_l (1-m)) W_dec,l + (a_l+1 m[parent]) W_dec,l+1.
+
+    Starts from the unperturbed SAE_l(x) and touches only the substituted columns, which
+    are few (r = 5 %)."""
+    parents = m.nonzero().squeeze(1)
+    if parents.numel() == 0:
+        return recon
+    children = (m[parent_next.clamp(min=0)] & (parent_next >= 0)).nonzero().squeeze(1)
+    recon = recon - a[:, parents] @ model.W_dec[level][parents]
+    return recon + a_next[:, children] @ model.W_dec[level + 1][children]
+
+
+# ---------------------------------------------------------------- constraint loss (section 3.1)
+
+
+def pc_loss(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent: Tensor) -> Tensor:
+    """Mean over tokens of sum_i L_PC,(l,i), computed from active features only.
+
+    With unit decoder rows,
+        ||a_p d_p - sum_j a_j d_j||^2 = a_p^2 - 2 a_p sum_j a_j <d_p, d_j> + ||sum_j a_j d_j||^2,
+    so the (batch x parents x d) tensor of the naive formula is never built."""
+    n_p = a_p.shape[1]
+    child = (parent >= 0).nonzero().squeeze(1)
+    if child.numel() == 0:
+        return a_p.new_zeros(())
+    par = parent[child]
+    has_children = torch.zeros(n_p, dtype=torch.bool, device=a_p.device)
+    has_children[par] = True
+    parent_term = a_p.pow(2) @ has_children.to(a_p.dtype)
+    cos = (dec_p[par] * dec_c[child]).sum(-1)
+    a_child = a_c[:, child]
+    cross = (a_child * a_p[:, par] * cos).sum(-1)
+    return (parent_term - 2 * cross + _sibling_sums_sq(a_child, dec_c[child], par, n_p)).mean()
+
+
+def _sibling_sums_sq(a_child: Tensor, dec_child: Tensor, par: Tensor, n_p: int) -> Tensor:
+    """Per token, sum over parents p of ||sum_{j in C(p), active} a_j d_j||^2."""
+    tok, k = a_child.nonzero(as_tuple=True)
+    out = a_child.new_zeros(a_child.shape[0])
+    if tok.numel() == 0:
+        return out
+    rows = dec_child[k] * a_child[tok, k].unsqueeze(1)
+    groups, inverse = torch.unique(tok * n_p + par[k], return_inverse=True)
+    sums = rows.new_zeros(groups.numel(), rows.shape[1]).index_add(0, inverse, rows)
+    return out.index_add(0, groups // n_p, sums.pow(2).sum(-1))
+
+
+def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent: Tensor) -> Tensor:
+    """The constraint loss exactly as the paper writes it; reference for tests."""
+    f_p = a_p.unsqueeze(2) * dec_p.unsqueeze(0)
+    child = (parent >= 0).nonzero().squeeze(1)
+    f_c = a_c[:, child].unsqueeze(2) * dec_c[child].unsqueeze(0)
+    child_sum = torch.zeros_like(f_p).index_add(1, parent[child], f_c)
+    has_children = torch.zeros(a_p.shape[1], dtype=torch.bool)
+    has_children[parent[child]] = True
+    diff = (f_p - child_sum)[:, has_children]
+    return diff.pow(2).sum((1, 2)).mean()
+
+
+# ---------------------------------------------------------------- dead latents
+
+
+def ghost_grad_loss(pre: Tensor, residual: Tensor, dec: Tensor, dead: Tensor, mse: Tensor) -> Tensor:
+    """Ghost grads (Jermyn & Templeton, 2024) for the dead features of one level.
+
+    Dead features decode exp(pi) rescaled to half the residual's norm; the MSE to the
+    residual is rescaled to the level's own MSE, so it pulls dead encoders toward what the
+    live ones miss without changing the loss scale."""
+    idx = dead.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return pre.new_zeros(())
+    ghost = pre[:, idx].clamp(max=20.0).exp() @ dec[idx]
+    residual = residual.detach()
+    ratio = residual.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-8)
+    ghost_mse = (ghost * ratio.detach() - residual).pow(2).sum(-1)
+    return (ghost_mse * (mse.detach() / (ghost_mse.detach() + 1e-8))).mean()
+
+
+# ---------------------------------------------------------------- the whole loss
+
+
+@dataclass
+class LossInputs:
+    """What one training step needs besides the batch."""
+
+    parents: list[Tensor]
+    """parents[l]: parent in level l of each feature of level l+1, or -1."""
+    lambdas: Tensor
+    rho: float
+    substitution: list[Tensor | None]
+    """m per level l < L-1 (None: no perturbation this step)."""
+    dead: list[Tensor] | None = None
+
+
+@dataclass
+class LossOutput:
+    total: Tensor
+    l0: Tensor
+    """[L] mean active features per token (detached)."""
+    fve: Tensor
+    """[L] fraction of variance explained by the unperturbed reconstruction (detached)."""
+    mse: Tensor
+    pc: Tensor
+    acts: list[Tensor]
+
+
+def hsae_loss(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
+    """L_HSAE on one batch: the sum of the per-level SAE losses and rho * the PC losses."""
+    pres = [model.pre_acts(x, level) for level in range(model.n_levels)]
+    acts = [model.activate(pre, level) for level, pre in enumerate(pres)]
+    total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
+    total, l0s, fves, mses, pcs = x.new_zeros(()), [], [], [], []
+    for level, (pre, a) in enumerate(zip(pres, acts)):
+        recon = model.decode(a, level)
+        mses_clean = (recon - x).pow(2).sum(-1)
+        fves.append(1 - mses_clean.mean().detach() / total_var)
+        m = inp.substitution[level] if level < model.n_levels - 1 else None
+        if m is not None:
+            recon = perturbed_reconstruction(
+                model, recon, a, acts[level + 1], level, inp.parents[level], m
+            )
+        mse = (recon - x).pow(2).sum(-1)
+        l0_ste = Step.apply(pre, model.threshold[level], model.bandwidth).sum(-1).mean()
+        total = total + mse.mean() + inp.lambdas[level] * l0_ste
+        if inp.dead is not None:
+            dead = inp.dead[level]
+            total = total + ghost_grad_loss(pre, x - recon, model.W_dec[level], dead, mse)
+        l0s.append(l0_ste.detach())
+        mses.append(mse.mean().detach())
+    for level, parent in enumerate(inp.parents):
+        if inp.rho > 0:
+            W = model.W_dec
+            pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent)
+            total = total + inp.rho * pc
+            pcs.append(pc.detach())
+    pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
+    return LossOutput(total, torch.stack(l0s), torch.stack(fves), torch.stack(mses), pc_sum, acts)

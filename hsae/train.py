@@ -1,0 +1,242 @@
+"""The training loop (paper section 3.3 and appendix A).
+
+Alternating optimisation: gradient steps on the parameters with the hierarchy fixed, and
+every `update_every` steps a hierarchy update with the parameters fixed. Adam
+(beta1 = 0, beta2 = 0.995), linear warm-up over 10 % of the steps then cosine decay to 0,
+decoder rows renormalised after every step, ghost grads for dead latents, and the
+velocity-based sparsity controller on every level.
+
+Every random draw of a step comes from a generator seeded by (seed, step), so a run
+resumed from a checkpoint replays exactly the steps that an uninterrupted run takes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hsae import io
+from hsae.config import ConfigError, RunConfig
+from hsae.hierarchy import Hierarchy
+from hsae.model import HSAE, LossInputs, draw_substitution, hsae_loss
+from hsae.sparsity import SparsityController
+
+Stream = Callable[[int], Iterator[Tensor]]
+"""stream(start_step) yields the raw (unscaled) batch of every step from start_step on."""
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A generator for one purpose (`stream`) at one step: resumable without RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+
+
+def lr_at(step: int, cfg_lr: float, steps: int, warmup_frac: float) -> float:
+    """Linear warm-up over the first warmup_frac of steps, then cosine decay to 0."""
+    warmup = max(1, int(warmup_frac * steps))
+    if step < warmup:
+        return cfg_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return cfg_lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def estimate_scale(batches: Iterator[Tensor], n_tokens: int) -> tuple[float, Tensor]:
+    """The constant s with E||s x|| = sqrt(d), and the sample it was estimated on."""
+    sample, seen = [], 0
+    while seen < n_tokens:
+        x = next(batches)
+        sample.append(x)
+        seen += x.shape[0]
+    x = torch.cat(sample)[:n_tokens].float()
+    return math.sqrt(x.shape[1]) / x.norm(dim=-1).mean().item(), x
+
+
+@dataclass
+class TrainResult:
+    model: HSAE
+    hierarchy: Hierarchy
+    summary: dict
+
+
+class Trainer:
+    """Owns the model, optimiser, hierarchy, controller and the step counter."""
+
+    def __init__(self, cfg: RunConfig, d_in: int, stream: Stream, out_dir: str | Path):
+        cfg.validate()
+        self.cfg, self.d_in, self.stream = cfg, d_in, stream
+        self.out_dir = Path(out_dir)
+        m, t = cfg.model, cfg.train
+        self.model = HSAE(d_in, m.sizes, m.bandwidth, seed=t.seed)
+        self.hierarchy = Hierarchy(m)
+        self.controller = SparsityController(
+            len(m.sizes), m.target_l0, t.eta, t.l0_ema_momentum, t.lambda_init, t.lambda_step
+        )
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        self.since_fired = [torch.zeros(n, dtype=torch.long) for n in m.sizes]
+        self.step = 0
+
+    # ------------------------------------------------------------ set-up and checkpoints
+
+    def init_fresh(self) -> None:
+        scale, sample = estimate_scale(self.stream(0), self.cfg.train.scale_tokens)
+        if not math.isfinite(scale) or scale <= 0:
+            raise ConfigError("cannot estimate the input scale: activations are all zero")
+        self.model.scale.fill_(scale)
+        self.model.init_from_data(sample * scale, self.cfg.model.target_l0)
+
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def save_checkpoint(self) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(self._optimizer_tensors())
+        tensors.update(self.hierarchy.state_tensors())
+        tensors.update(self.controller.state_tensors())
+        tensors.update({f"since_fired.{i}": s for i, s in enumerate(self.since_fired)})
+        state = {"step": self.step, "config": self._comparable_config(), "d_in": self.d_in,
+                 "frozen": self.hierarchy.frozen}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        io.save_checkpoint(self.checkpoint_path(), tensors, state)
+
+    def load_checkpoint(self) -> None:
+        path = self.checkpoint_path()
+        tensors, state = io.load_checkpoint(path)
+        if state.get("config") != self._comparable_config() or state.get("d_in") != self.d_in:
+            raise ConfigError(
+                f"checkpoint {path} was written with a different configuration or input width; "
+                "resume with the same config, or start a fresh run in another --out directory"
+            )
+        prefix = "model."
+        self.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
+                                    if k.startswith(prefix)})
+        self._load_optimizer_tensors(tensors)
+        self.hierarchy.load_state_tensors(tensors, bool(state["frozen"]))
+        self.controller.load_state_tensors(tensors)
+        self.since_fired = [tensors[f"since_fired.{i}"] for i in range(len(self.since_fired))]
+        self.step = int(state["step"])
+
+    def _comparable_config(self) -> dict:
+        cfg = self.cfg.to_dict()
+        for volatile in ("progress", "checkpoint_every"):
+            cfg["train"].pop(volatile)
+        cfg["model"]["sizes"] = list(cfg["model"]["sizes"])
+        return cfg
+
+    def _optimizer_tensors(self) -> dict[str, Tensor]:
+        out = {}
+        for k, p in enumerate(self.model.parameters()):
+            for name, value in self.opt.state.get(p, {}).items():
+                out[f"opt.{k}.{name}"] = value
+        return out
+
+    def _load_optimizer_tensors(self, tensors: dict[str, Tensor]) -> None:
+        for k, p in enumerate(self.model.parameters()):
+            state = {name: tensors[f"opt.{k}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq")
+                     if f"opt.{k}.{name}" in tensors}
+            if state:
+                self.opt.state[p] = state
+
+    # ------------------------------------------------------------ one step
+
+    def loss_inputs(self) -> LossInputs:
+        m, t = self.cfg.model, self.cfg.train
+        gen = step_generator(t.seed, self.step, stream=1)
+        substitution: list[Tensor | None] = []
+        for level, parent in enumerate(self.hierarchy.parents):
+            if m.perturb_rate > 0 and m.links == "joint":
+                has = self.hierarchy.has_children(level)
+                substitution.append(draw_substitution(has, m.perturb_rate, gen))
+            else:
+                substitution.append(None)
+        dead = None
+        if t.dead_latents == "ghost_grads":
+            dead = [s >= t.dead_after for s in self.since_fired]
+        return LossInputs(self.hierarchy.parents, self.controller.lambdas, m.rho, substitution,
+                          dead)
+
+    def train_step(self, x_raw: Tensor) -> Tensor:
+        """One gradient step on a raw batch; returns the loss (detached)."""
+        t = self.cfg.train
+        x = x_raw.float() * self.model.scale
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, t.lr, t.steps, t.warmup_frac)
+        out = hsae_loss(self.model, x, self.loss_inputs())
+        self.opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        self.model.project_decoder_grads()
+        self.opt.step()
+        self.model.apply_constraints()
+        self.controller.update(out.l0)
+        self._track_firing(out.acts)
+        if self.cfg.model.links == "joint":
+            self.hierarchy.observe(out.acts)
+        self.step += 1
+        if self.cfg.model.links == "joint" and self.step % self.cfg.model.update_every == 0:
+            self.hierarchy.update(self.model)
+        self.last = out
+        return out.total.detach()
+
+    @torch.no_grad()
+    def _track_firing(self, acts: list[Tensor]) -> None:
+        for level, a in enumerate(acts):
+            fired = (a > 0).any(0)
+            self.since_fired[level] = torch.where(fired, 0, self.since_fired[level] + 1)
+
+    # ------------------------------------------------------------ the loop
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        t = self.cfg.train
+        if resume:
+            self.load_checkpoint()
+        else:
+            self.init_fresh()
+        start, started_at = self.step, time.perf_counter()
+        batches = self.stream(self.step)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, desc="hsae",
+                   dynamic_ncols=True)
+        while self.step < t.steps:
+            loss = self.train_step(next(batches))
+            bar.update(1)
+            if self.step % 25 == 0 or self.step == t.steps:
+                self._check_finite(loss)
+                bar.set_postfix_str(self.progress_line(), refresh=False)
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.cfg.model.links == "posthoc":
+            self.hierarchy.update(self.model)
+        seconds = time.perf_counter() - started_at
+        return TrainResult(self.model, self.hierarchy, self.summary(start, seconds))
+
+    def _check_finite(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss became {loss.item()} at step {self.step}; lower --train.lr or check the data"
+            )
+
+    def progress_line(self) -> str:
+        out = self.last
+        l0 = "/".join(f"{v:.0f}" for v in out.l0.tolist())
+        fve = "/".join(f"{v:.2f}" for v in out.fve.tolist())
+        lam = "/".join(f"{v:.1e}" for v in self.controller.lambdas.tolist())
+        return f"L0 {l0} FVE {fve} λ {lam}"
+
+    def summary(self, start_step: int, seconds: float) -> dict:
+        tokens = (self.step - start_step) * self.cfg.train.batch_size
+        return {
+            "steps": self.step,
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+            "l0_ema": self.controller.l0_ema.tolist(),
+            "lambdas": self.controller.lambdas.tolist(),
+            "scale": float(self.model.scale),
+        }
