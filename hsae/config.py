@@ -54,9 +54,7 @@ class HSAEConfig:
         if any(b <= a for a, b in zip(self.sizes, self.sizes[1:])):
             raise ConfigError(f"sizes must be strictly increasing, got {list(self.sizes)}")
         if self.target_l0 <= 0 or self.target_l0 >= min(self.sizes):
-            raise ConfigError(
-                f"target_l0 must lie in (0, {min(self.sizes)}), got {self.target_l0}"
-            )
+            raise ConfigError(f"target_l0 must lie in (0, {min(self.sizes)}), got {self.target_l0}")
         for name in ("perturb_rate", "unassigned_quantile", "coact_momentum"):
             _check_unit(name, getattr(self, name))
         if self.rho < 0:

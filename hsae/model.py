@@ -145,7 +145,13 @@ def draw_substitution(has_children: Tensor, rate: float, gen: torch.Generator) -
 
 
 def perturbed_reconstruction(
-    model: HSAE, recon: Tensor, a: Tensor, a_next: Tensor, level: int, parent_next: Tensor, m: Tensor
+    model: HSAE,
+    recon: Tensor,
+    a: Tensor,
+    a_next: Tensor,
+    level: int,
+    parent_next: Tensor,
+    m: Tensor,
 ) -> Tensor:
     """SAE~_l = b_dec,l + (a_l (1-m)) W_dec,l + (a_l+1 m[parent]) W_dec,l+1.
 
@@ -209,7 +215,9 @@ def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent
 # ---------------------------------------------------------------- dead latents
 
 
-def ghost_grad_loss(pre: Tensor, residual: Tensor, dec: Tensor, dead: Tensor, mse: Tensor) -> Tensor:
+def ghost_grad_loss(
+    pre: Tensor, residual: Tensor, dec: Tensor, dead: Tensor, mse: Tensor
+) -> Tensor:
     """Ghost grads (Jermyn & Templeton, 2024) for the dead features of one level.
 
     Dead features decode exp(pi) rescaled to half the residual's norm; the MSE to the

@@ -102,8 +102,12 @@ class Trainer:
         tensors.update(self.hierarchy.state_tensors())
         tensors.update(self.controller.state_tensors())
         tensors.update({f"since_fired.{i}": s for i, s in enumerate(self.since_fired)})
-        state = {"step": self.step, "config": self._comparable_config(), "d_in": self.d_in,
-                 "frozen": self.hierarchy.frozen}
+        state = {
+            "step": self.step,
+            "config": self._comparable_config(),
+            "d_in": self.d_in,
+            "frozen": self.hierarchy.frozen,
+        }
         self.out_dir.mkdir(parents=True, exist_ok=True)
         io.save_checkpoint(self.checkpoint_path(), tensors, state)
 
@@ -116,8 +120,9 @@ class Trainer:
                 "resume with the same config, or start a fresh run in another --out directory"
             )
         prefix = "model."
-        self.model.load_state_dict({k[len(prefix):]: v for k, v in tensors.items()
-                                    if k.startswith(prefix)})
+        self.model.load_state_dict(
+            {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        )
         self._load_optimizer_tensors(tensors)
         self.hierarchy.load_state_tensors(tensors, bool(state["frozen"]))
         self.controller.load_state_tensors(tensors)
@@ -140,8 +145,11 @@ class Trainer:
 
     def _load_optimizer_tensors(self, tensors: dict[str, Tensor]) -> None:
         for k, p in enumerate(self.model.parameters()):
-            state = {name: tensors[f"opt.{k}.{name}"] for name in ("step", "exp_avg", "exp_avg_sq")
-                     if f"opt.{k}.{name}" in tensors}
+            state = {
+                name: tensors[f"opt.{k}.{name}"]
+                for name in ("step", "exp_avg", "exp_avg_sq")
+                if f"opt.{k}.{name}" in tensors
+            }
             if state:
                 self.opt.state[p] = state
 
@@ -160,8 +168,9 @@ class Trainer:
         dead = None
         if t.dead_latents == "ghost_grads":
             dead = [s >= t.dead_after for s in self.since_fired]
-        return LossInputs(self.hierarchy.parents, self.controller.lambdas, m.rho, substitution,
-                          dead)
+        return LossInputs(
+            self.hierarchy.parents, self.controller.lambdas, m.rho, substitution, dead
+        )
 
     def train_step(self, x_raw: Tensor) -> Tensor:
         """One gradient step on a raw batch; returns the loss (detached)."""
@@ -201,8 +210,13 @@ class Trainer:
             self.init_fresh()
         start, started_at = self.step, time.perf_counter()
         batches = self.stream(self.step)
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, desc="hsae",
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.step,
+            disable=not t.progress,
+            desc="hsae",
+            dynamic_ncols=True,
+        )
         while self.step < t.steps:
             loss = self.train_step(next(batches))
             bar.update(1)

@@ -1,0 +1,7 @@
+"""`python -m hsae` runs the command line (also under torchrun)."""
+
+import sys
+
+from hsae.cli import main
+
+sys.exit(main())

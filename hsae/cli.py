@@ -1,0 +1,211 @@
+"""The `hsae` command: demo, train, eval.
+
+Every field of the config dataclasses is a flag: `--model.sizes 64,128,256`,
+`--train.steps 3000`, `--planted.d 64`. A JSON config file (`--config run.json`, with
+"model" and "train" sections) sets defaults that flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from hsae import pipeline
+from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
+from hsae.data.planted import PlantedConfig
+from hsae.io import FormatError, atomic_write_json, load_json
+
+SECTIONS = {"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig}
+
+
+# ---------------------------------------------------------------- dataclasses as flags
+
+
+def _parse_value(kind, text: str):
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if origin is tuple:
+        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+    if origin is typing.Literal:
+        return text
+    return kind(text)
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type) -> None:
+    group = parser.add_argument_group(f"{prefix} options")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        group.add_argument(
+            f"--{prefix}.{f.name}",
+            dest=f"{prefix}.{f.name}",
+            default=None,
+            choices=choices,
+            type=lambda text, kind=kind: _parse_value(kind, text),
+            metavar=f.name.upper(),
+            help=f"(default: {shown})",
+        )
+
+
+def overrides(args: argparse.Namespace, prefix: str) -> dict:
+    return {
+        key.split(".", 1)[1]: value
+        for key, value in vars(args).items()
+        if key.startswith(prefix + ".") and value is not None
+    }
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    data = load_json(args.config) if args.config else {}
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}")
+    for section in ("model", "train"):
+        data[section] = {**data.get(section, {}), **overrides(args, section)}
+    cfg = RunConfig.from_dict(data)
+    cfg.train.progress = not args.quiet
+    cfg.validate()
+    return cfg
+
+
+def source_from_args(args: argparse.Namespace, expected_d: int | None = None) -> pipeline.Source:
+    if args.data == "planted":
+        return pipeline.planted_source(PlantedConfig(**overrides(args, "planted")))
+    return pipeline.npy_source(args.data, args.eval_frac, expected_d)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = run_config(args)
+    source = source_from_args(args)
+    result = pipeline.train(cfg, source, args.out, resume=args.resume)
+    print(
+        f"trained {result.summary['steps']} steps in {result.summary['seconds']:.0f} s; "
+        f"model written to {Path(args.out) / pipeline.MODEL_DIR}"
+    )
+    if args.eval_tokens:
+        report = pipeline.evaluate_model(
+            result.model, result.hierarchy.parents, source, args.eval_tokens
+        )
+        print(format_report({"hsae": report}))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    model, parents, header = pipeline.load(args.model_dir)
+    if args.data:
+        source = source_from_args(args, expected_d=model.d_in)
+    else:
+        source = pipeline.source_from_description(header["config"].get("data", {}), model.d_in)
+    report = pipeline.evaluate_model(model, parents, source, args.tokens)
+    print(format_report({"model": report}))
+    if args.json:
+        atomic_write_json(args.json, report)
+        print(f"wrote {args.json}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from hsae.demo import run_demo
+
+    run_demo(Path(args.out), steps=args.steps, progress=not args.quiet)
+
+
+# ---------------------------------------------------------------- report table
+
+
+ROWS = [
+    ("L0 per level", "l0", "{:.1f}"),
+    ("FVE per level", "fve", "{:.3f}"),
+    ("Hamming (lower better)", "hamming", "{:.3f}"),
+    ("P(p|c)", "p_parent_given_child", "{:.3f}"),
+    ("P(c|p)", "p_child_given_parent", "{:.3f}"),
+    ("recovered per level", "recovered", "{:d}"),
+    ("edge precision", "edge_precision", "{:.3f}"),
+    ("recall of true edges", "recall", "{:.3f}"),
+]
+
+
+def format_report(reports: dict[str, dict]) -> str:
+    names = list(reports)
+    width = max(24, *(len(label) for label, _, _ in ROWS))
+    lines = [f"{'':{width}}  " + "  ".join(f"{n:>26}" for n in names)]
+    for label, key, fmt in ROWS:
+        if not all(key in r for r in reports.values()):
+            continue
+        cells = []
+        for r in reports.values():
+            value = r[key]
+            text = (
+                " ".join(fmt.format(v) for v in value)
+                if isinstance(value, list)
+                else (fmt.format(value))
+            )
+            cells.append(f"{text:>26}")
+        lines.append(f"{label:{width}}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train HSAE and the post-hoc baseline on a planted forest")
+    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per model")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="train an HSAE")
+    train.add_argument("--config", help="JSON file with 'model' and 'train' sections")
+    train.add_argument("--data", default="planted", help="'planted' or a .npy file (N, d)")
+    train.add_argument("--out", required=True, help="run directory (checkpoint, model/)")
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
+    train.add_argument("--eval-tokens", type=int, default=65536, help="0: skip evaluation")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    for prefix, cls in SECTIONS.items():
+        add_dataclass_flags(train, prefix, cls)
+
+    ev = sub.add_parser("eval", help="measures of a trained HSAE on held-out activations")
+    ev.add_argument("model_dir", help="trained directory (or a run directory with model/)")
+    ev.add_argument("--data", default=None, help="'planted' or a .npy file; default: training data")
+    ev.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
+    ev.add_argument("--tokens", type=int, default=65536, help="held-out tokens to evaluate")
+    ev.add_argument("--json", help="also write the full report to this JSON file")
+    add_dataclass_flags(ev, "planted", PlantedConfig)
+    return parser
+
+
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except (ConfigError, FormatError, FloatingPointError, ValueError, TypeError) as err:
+        print(f"hsae: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"hsae: error: {err.filename or err}: no such file", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hsae: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
