@@ -12,6 +12,8 @@ binary (at most two children per parent), fixed (frozen after the first update).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -67,7 +69,7 @@ def assign_parents(S: Tensor, tree: str, unassigned_quantile: float) -> Tensor:
     full tree, where every child gets a parent."""
     best, parent = S.max(dim=1)
     q = 0.0 if tree == "full" else unassigned_quantile
-    n_unassigned = int(q * S.shape[0])
+    n_unassigned = math.floor(q * S.shape[0] + 1e-9)  # 0.29 * 100 is 28.999... in floats
     if n_unassigned > 0:
         order = torch.sort(best, stable=True).indices
         parent[order[:n_unassigned]] = -1
@@ -139,7 +141,7 @@ class Hierarchy:
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor], frozen: bool) -> None:
-        self.parents = [tensors[f"hierarchy.parents.{i}"] for i in range(len(self.parents))]
+        self.parents = [tensors[f"hierarchy.parents.{i}"].clone() for i in range(len(self.parents))]
         if self.coact is not None:
-            self.coact = [tensors[f"hierarchy.coact.{i}"] for i in range(len(self.coact))]
+            self.coact = [tensors[f"hierarchy.coact.{i}"].clone() for i in range(len(self.coact))]
         self.frozen = frozen

@@ -168,36 +168,48 @@ def perturbed_reconstruction(
 # ---------------------------------------------------------------- constraint loss (section 3.1)
 
 
-def pc_loss(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent: Tensor) -> Tensor:
+def pc_loss(
+    a_p: Tensor,
+    a_c: Tensor,
+    dec_p: Tensor,
+    dec_c: Tensor,
+    parent: Tensor,
+    live_c: Tensor | None = None,
+) -> Tensor:
     """Mean over tokens of sum_i L_PC,(l,i), computed from active features only.
 
     With unit decoder rows,
         ||a_p d_p - sum_j a_j d_j||^2 = a_p^2 - 2 a_p sum_j a_j <d_p, d_j> + ||sum_j a_j d_j||^2,
-    so the (batch x parents x d) tensor of the naive formula is never built."""
+    so the (batch x parents x d) tensor of the naive formula is never built: the last two
+    terms run over the (token, child) entries in `live_c`. Inactive entries add nothing to
+    the value, but those inside the straight-through window of theta carry its gradient,
+    so training passes live_c = pi > theta - eps/2; None takes every entry (exact gradient
+    for any a_c)."""
     n_p = a_p.shape[1]
-    child = (parent >= 0).nonzero().squeeze(1)
-    if child.numel() == 0:
-        return a_p.new_zeros(())
+    has_children = torch.zeros(n_p, dtype=a_p.dtype, device=a_p.device)
+    has_children[parent[parent >= 0]] = 1.0
+    parent_term = (a_p.pow(2) @ has_children).sum()
+    live = torch.ones_like(a_c, dtype=torch.bool) if live_c is None else live_c
+    tok, child = live.nonzero(as_tuple=True)
     par = parent[child]
-    has_children = torch.zeros(n_p, dtype=torch.bool, device=a_p.device)
-    has_children[par] = True
-    parent_term = a_p.pow(2) @ has_children.to(a_p.dtype)
-    cos = (dec_p[par] * dec_c[child]).sum(-1)
-    a_child = a_c[:, child]
-    cross = (a_child * a_p[:, par] * cos).sum(-1)
-    return (parent_term - 2 * cross + _sibling_sums_sq(a_child, dec_c[child], par, n_p)).mean()
+    keep = par >= 0
+    tok, child, par = tok[keep], child[keep], par[keep]
+    a_child = a_c[tok, child]
+    cos = (dec_p[parent.clamp(min=0)] * dec_c).sum(-1)  # <d_parent(j), d_j> for every child j
+    cross = (a_child * a_p[tok, par] * cos[child]).sum()
+    return (parent_term - 2 * cross + _sibling_sums_sq(tok, par, a_child, dec_c[child], n_p)) / (
+        a_p.shape[0]
+    )
 
 
-def _sibling_sums_sq(a_child: Tensor, dec_child: Tensor, par: Tensor, n_p: int) -> Tensor:
-    """Per token, sum over parents p of ||sum_{j in C(p), active} a_j d_j||^2."""
-    tok, k = a_child.nonzero(as_tuple=True)
-    out = a_child.new_zeros(a_child.shape[0])
+def _sibling_sums_sq(tok: Tensor, par: Tensor, a_child: Tensor, d_child: Tensor, n_p: int) -> Tensor:
+    """Sum over (token, parent) groups of ||sum_{active j in C(p)} a_j d_j||^2."""
     if tok.numel() == 0:
-        return out
-    rows = dec_child[k] * a_child[tok, k].unsqueeze(1)
-    groups, inverse = torch.unique(tok * n_p + par[k], return_inverse=True)
+        return a_child.new_zeros(())
+    groups, inverse = torch.unique(tok * n_p + par, return_inverse=True)
+    rows = d_child * a_child.unsqueeze(1)
     sums = rows.new_zeros(groups.numel(), rows.shape[1]).index_add(0, inverse, rows)
-    return out.index_add(0, groups // n_p, sums.pow(2).sum(-1))
+    return sums.pow(2).sum()
 
 
 def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent: Tensor) -> Tensor:
@@ -206,7 +218,7 @@ def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent
     child = (parent >= 0).nonzero().squeeze(1)
     f_c = a_c[:, child].unsqueeze(2) * dec_c[child].unsqueeze(0)
     child_sum = torch.zeros_like(f_p).index_add(1, parent[child], f_c)
-    has_children = torch.zeros(a_p.shape[1], dtype=torch.bool)
+    has_children = torch.zeros(a_p.shape[1], dtype=torch.bool, device=a_p.device)
     has_children[parent[child]] = True
     diff = (f_p - child_sum)[:, has_children]
     return diff.pow(2).sum((1, 2)).mean()
@@ -287,7 +299,8 @@ def hsae_loss(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
     for level, parent in enumerate(inp.parents):
         if inp.rho > 0:
             W = model.W_dec
-            pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent)
+            live = pres[level + 1] > model.threshold[level + 1] - model.bandwidth / 2
+            pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live)
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())

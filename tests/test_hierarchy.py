@@ -1,0 +1,258 @@
+"""Parent assignment, similarities and the hierarchy update, on hand-built cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from hsae.config import HSAEConfig
+from hsae.hierarchy import Hierarchy, assign_parents, children_lists, has_children, similarity
+from hsae.model import HSAE
+
+torch.set_num_threads(1)
+
+
+def _distinct_S(n_c: int, n_p: int, seed: int) -> torch.Tensor:
+    """A similarity matrix without ties (a random permutation of distinct values)."""
+    gen = torch.Generator().manual_seed(seed)
+    vals = torch.linspace(-1, 1, n_c * n_p)[torch.randperm(n_c * n_p, generator=gen)]
+    return vals.reshape(n_c, n_p)
+
+
+# ----- assign_parents --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n_c", "q"), [(10, 0.2), (10, 0.25), (17, 0.2), (23, 0.5), (7, 0.1)])
+def test_partial_leaves_the_lowest_floor_q_n_unassigned(n_c: int, q: float) -> None:
+    S = _distinct_S(n_c, 4, seed=n_c)
+    parent = assign_parents(S, "partial", q)
+    k = math.floor(q * n_c)
+    best, arg = S.max(dim=1)
+    lowest = set(torch.argsort(best)[:k].tolist())
+    assert {j for j in range(n_c) if parent[j] == -1} == lowest
+    for j in range(n_c):
+        if j not in lowest:
+            assert parent[j] == arg[j]
+
+
+def test_partial_on_a_hand_written_matrix() -> None:
+    S = torch.tensor(
+        [
+            [0.9, 0.1, 0.0],  # best 0.9 -> 0
+            [0.2, 0.3, 0.1],  # best 0.3 (lowest) -> -1
+            [0.0, 0.5, 0.8],  # best 0.8 -> 2
+            [0.4, 0.6, 0.2],  # best 0.6 -> 1
+            [0.35, 0.1, 0.0],  # best 0.35 (second lowest) -> -1
+            [0.1, 0.7, 0.65],  # best 0.7 -> 1
+            [0.5, 0.45, 0.2],  # best 0.5 -> 0
+            [0.0, 0.1, 0.95],  # best 0.95 -> 2
+            [0.55, 0.0, 0.0],  # best 0.55 -> 0
+            [0.3, 0.2, 0.4],  # best 0.4 -> 2
+        ]
+    )
+    assert assign_parents(S, "partial", 0.2).tolist() == [0, -1, 2, 1, -1, 1, 0, 2, 0, 2]
+    # full: quantile ignored, every child gets its argmax
+    assert assign_parents(S, "full", 0.2).tolist() == [0, 1, 2, 1, 0, 1, 0, 2, 0, 2]
+    assert children_lists(assign_parents(S, "full", 0.2), 3) == [[0, 4, 6, 8], [1, 3, 5], [2, 7, 9]]
+
+
+def test_full_tree_assigns_everybody_to_the_argmax() -> None:
+    S = _distinct_S(31, 5, seed=2)
+    for q in (0.0, 0.2, 0.9):
+        parent = assign_parents(S, "full", q)
+        assert torch.equal(parent, S.argmax(dim=1))
+
+
+def test_binary_greedy_by_similarity_known_by_hand() -> None:
+    """Rows permuted so that index order differs from similarity order.
+
+    Greedy in decreasing best similarity: c(0.9) -> p0, c(0.8) -> p0 (p0 full),
+    c(0.7) prefers p0, full -> p1 (0.6), c(0.5) prefers p0, full -> p1 (0.4) (p1 full),
+    c(0.35): no room anywhere -> -1 (5 children, capacity 2 x 2)."""
+    rows = {
+        "a": [0.9, 0.1],
+        "b": [0.8, 0.2],
+        "c": [0.7, 0.6],
+        "d": [0.5, 0.4],
+        "e": [0.3, 0.35],
+    }
+    order = ["e", "c", "a", "d", "b"]
+    S = torch.tensor([rows[k] for k in order])
+    want = {"a": 0, "b": 0, "c": 1, "d": 1, "e": -1}
+    got = assign_parents(S, "binary", 0.0).tolist()
+    assert got == [want[k] for k in order]
+    # The plain argmax would give p0 four children: the cap is what changed it.
+    assert (S.argmax(1) == 0).sum() == 4
+
+
+def test_binary_greedy_is_not_index_order() -> None:
+    """Two children want p0; the more similar one (higher index) wins it."""
+    S = torch.tensor([[0.5, 0.4], [0.6, 0.1], [0.9, 0.0]])
+    # greedy: c2 (0.9) -> p0, c1 (0.6) -> p0, c0 (0.5) -> p0 full -> p1
+    assert assign_parents(S, "binary", 0.0).tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_caps_children_and_keeps_quantile_unassigned(seed: int) -> None:
+    n_c, n_p, q = 40, 8, 0.2
+    S = _distinct_S(n_c, n_p, seed)
+    parent = assign_parents(S, "binary", q)
+    counts = torch.bincount(parent[parent >= 0], minlength=n_p)
+    assert counts.max() <= 2
+    lowest = torch.argsort(S.max(1).values)[: math.floor(q * n_c)]
+    assert (parent[lowest] == -1).all()
+    # 32 eligible children, 16 places: every place is taken
+    assert counts.sum() == 2 * n_p
+
+
+# ----- similarity ------------------------------------------------------------------------
+
+
+def _tiny_model() -> HSAE:
+    """d = 3, parents (level 0) 2 features, children (level 1) 3 features."""
+    model = HSAE(3, (2, 3), bandwidth=0.05)
+    with torch.no_grad():
+        # encoder columns; norms differ on purpose (cosines must normalise)
+        model.W_enc[0].copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]))
+        model.W_enc[1].copy_(torch.tensor([[2.0, 0.0, -1.0], [1.0, 3.0, 0.0], [0.0, 1.0, 1.0]]))
+        # decoder rows: chosen so that the decoder picks the other parent for child 0 and 1
+        model.W_dec[0].copy_(torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+        model.W_dec[1].copy_(torch.tensor([[0.8, 0.0, 0.6], [0.0, 0.6, 0.8], [0.6, 0.8, 0.0]]))
+    return model
+
+
+def test_encoder_similarity_equals_hand_cosines() -> None:
+    model = _tiny_model()
+    S = similarity(model, 0, "encoder")
+    s5, s10, s2 = math.sqrt(5), math.sqrt(10), math.sqrt(2)
+    want = torch.tensor([[2 / s5, 1 / s5], [0.0, 3 / s10], [-1 / s2, 0.0]])
+    assert torch.allclose(S, want, atol=1e-6)
+    assert assign_parents(S, "full", 0.0).tolist() == [0, 1, 1]
+
+
+def test_decoder_similarity_equals_hand_cosines() -> None:
+    model = _tiny_model()
+    S = similarity(model, 0, "decoder")
+    want = torch.tensor([[0.6, 0.8], [0.8, 0.0], [0.0, 0.6]])
+    assert torch.allclose(S, want, atol=1e-6)
+    assert assign_parents(S, "full", 0.0).tolist() == [1, 0, 1]
+    # a cosine: scaling a row changes nothing
+    with torch.no_grad():
+        model.W_dec[1][2].mul_(3.0)
+    assert torch.allclose(similarity(model, 0, "decoder"), want, atol=1e-6)
+
+
+def test_unknown_similarity_and_missing_statistics_raise() -> None:
+    model = _tiny_model()
+    with pytest.raises(ValueError):
+        similarity(model, 0, "coactivation")
+    with pytest.raises(ValueError):
+        similarity(model, 0, "bogus")
+
+
+def test_observe_is_an_ema_of_the_joint_firing_fraction() -> None:
+    cfg = HSAEConfig(sizes=(2, 3), target_l0=1.0, similarity="coactivation", coact_momentum=0.75)
+    hier = Hierarchy(cfg)
+    # 4 tokens. Parent 0 fires on t0, t1; parent 1 on t2.
+    a0 = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0], [0.0, 0.0]])
+    # child 0 fires on t0; child 1 on t2; child 2 on t2, t3
+    a1 = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, 0.0, 5.0]])
+    J1 = torch.tensor([[0.25, 0.0], [0.0, 0.25], [0.0, 0.25]])  # [child, parent]
+    hier.observe([a0, a1])
+    assert torch.allclose(hier.coact[0], 0.25 * J1)  # EMA from 0: (1 - m) * J1
+
+    # second batch: parent 0 fires on all, parent 1 on t3; child 2 on t0, t1, t3
+    b0 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    b1 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    J2 = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.75, 0.25]])
+    hier.observe([b0, b1])
+    assert torch.allclose(hier.coact[0], 0.75 * 0.25 * J1 + 0.25 * J2)
+
+    # the update takes the argmax of these statistics (partial quantile 0.2 * 3 -> 0 left out)
+    hier.update(_tiny_model())
+    assert hier.parents[0].tolist() == [0, 1, 0]
+
+
+# ----- Hierarchy.update ------------------------------------------------------------------
+
+
+def _cfg(tree: str) -> HSAEConfig:
+    return HSAEConfig(sizes=(6, 12, 20), target_l0=2.0, tree=tree, unassigned_quantile=0.2)
+
+
+def _permute_level0(model: HSAE, perm: torch.Tensor) -> None:
+    """New feature k of level 0 is old feature perm[k] (encoder and decoder)."""
+    with torch.no_grad():
+        model.W_enc[0].copy_(model.W_enc[0][:, perm].clone())
+        model.W_dec[0].copy_(model.W_dec[0][perm].clone())
+
+
+def _expected_after_permutation(old: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.argsort(perm)
+    return torch.where(old >= 0, inv[old.clamp(min=0)], old)
+
+
+def test_fixed_tree_freezes_after_first_update() -> None:
+    cfg = _cfg("fixed")
+    model = HSAE(8, cfg.sizes, bandwidth=0.05, seed=3)
+    hier = Hierarchy(cfg)
+    assert all((p == -1).all() for p in hier.parents)  # no links before the first update
+    hier.update(model)
+    first = [p.clone() for p in hier.parents]
+    assert all((p >= 0).any() for p in first)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    _permute_level0(model, perm)
+    # the weights changed so that an unfrozen update would move parents...
+    want = _expected_after_permutation(first[0], perm)
+    assert not torch.equal(want, first[0])
+    hier.update(model)
+    for p, q in zip(hier.parents, first, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_partial_tree_follows_the_weights() -> None:
+    cfg = _cfg("partial")
+    model = HSAE(8, cfg.sizes, bandwidth=0.05, seed=3)
+    hier = Hierarchy(cfg)
+    hier.update(model)
+    first = [p.clone() for p in hier.parents]
+    assert [(p == -1).sum().item() for p in first] == [math.floor(0.2 * 12), math.floor(0.2 * 20)]
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    _permute_level0(model, perm)
+    hier.update(model)
+    assert torch.equal(hier.parents[0], _expected_after_permutation(first[0], perm))
+    assert not torch.equal(hier.parents[0], first[0])
+    assert torch.equal(hier.parents[1], first[1])  # level 1 -> 2 unchanged
+    assert torch.equal(hier.has_children(0), has_children(hier.parents[0], cfg.sizes[0]))
+
+
+def test_state_round_trip() -> None:
+    cfg = HSAEConfig(sizes=(4, 7, 11), target_l0=2.0, similarity="coactivation", tree="fixed")
+    model = HSAE(5, cfg.sizes, bandwidth=0.05, seed=1)
+    model.init_from_data(torch.randn(200, 5, generator=torch.Generator().manual_seed(0)), 2.0)
+    hier = Hierarchy(cfg)
+    x = torch.randn(64, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hier.observe(model.encode(x))
+    hier.update(model)
+    assert hier.frozen
+
+    blob = save({k: v.contiguous() for k, v in hier.state_tensors().items()})
+    other = Hierarchy(cfg)
+    other.load_state_tensors(load(blob), frozen=hier.frozen)
+    assert other.frozen
+    for a, b in zip(hier.parents, other.parents, strict=True):
+        assert torch.equal(a, b) and a.dtype == b.dtype
+    for a, b in zip(hier.coact, other.coact, strict=True):
+        assert torch.equal(a, b)
+    assert any((c > 0).any() for c in other.coact)
+    # the restored hierarchy behaves like the original: frozen, and keeps observing
+    with torch.no_grad():
+        acts = model.encode(x)
+    hier.observe(acts)
+    other.observe(acts)
+    for a, b in zip(hier.coact, other.coact, strict=True):
+        assert torch.allclose(a, b)

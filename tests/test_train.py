@@ -1,0 +1,393 @@
+"""The training loop: exact resume (also after SIGKILL), checkpoint errors, the learning-rate
+schedule, the input scale and the constraints that hold after training."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hsae import pipeline
+from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
+from hsae.data.planted import PlantedConfig
+from hsae.io import FormatError, load_checkpoint, load_json, load_safetensors
+from hsae.train import CHECKPOINT, Trainer, estimate_scale, lr_at
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# A forest small enough that a step takes a few milliseconds.
+TINY_FOREST = PlantedConfig(d=16, n_trees=3, branching=2, depth=2, n_independent=4, seed=0)
+
+
+def tiny_cfg(steps: int = 50, checkpoint_every: int = 0, **model) -> RunConfig:
+    """Three levels, frequent hierarchy updates and an early dead-latent limit, so that a
+    short run exercises every piece of state a checkpoint has to carry."""
+    model_kw = dict(sizes=(8, 16, 32), target_l0=3, update_every=10) | model
+    return RunConfig(
+        model=HSAEConfig(**model_kw),
+        train=TrainConfig(
+            steps=steps,
+            batch_size=128,
+            lr=3e-3,
+            lambda_init=0.1,
+            l0_ema_momentum=0.99,
+            eta=0.005,
+            dead_after=5,
+            checkpoint_every=checkpoint_every,
+            scale_tokens=1024,
+            progress=False,
+            seed=1,
+        ),
+    )
+
+
+def tiny_source():
+    return pipeline.planted_source(PlantedConfig(**vars(TINY_FOREST)))
+
+
+class Interrupted(Exception):
+    """Raised by a stream to stop a run as a crash would."""
+
+
+def interrupting(stream, stop_at: int):
+    """A stream that raises when asked for the batch of step `stop_at` (a crash there)."""
+
+    def wrapped(start_step: int):
+        def gen():
+            for step, batch in enumerate(stream(start_step), start=start_step):
+                if step >= stop_at:
+                    raise Interrupted(step)
+                yield batch
+
+        return gen()
+
+    return wrapped
+
+
+def recording(stream, starts: list[int]):
+    """A stream that notes every start step it is asked for."""
+
+    def wrapped(start_step: int):
+        starts.append(start_step)
+        return stream(start_step)
+
+    return wrapped
+
+
+def make_trainer(cfg: RunConfig, out: Path, wrap=None) -> Trainer:
+    source = tiny_source()
+    stream = source.stream(cfg.train.batch_size, cfg.train.seed)
+    return Trainer(cfg, source.d, wrap(stream) if wrap else stream, out)
+
+
+def one_line(message: str) -> None:
+    assert message.strip() and "\n" not in message.strip(), f"not one line: {message!r}"
+
+
+# ---------------------------------------------------------------- in-process resume
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        dict(similarity="encoder", tree="partial"),
+        # co-activation statistics and the frozen flag are extra checkpoint state
+        dict(similarity="coactivation", tree="fixed"),
+    ],
+    ids=["encoder-partial", "coactivation-fixed"],
+)
+def test_resume_in_process_equals_straight_run(tmp_path, model):
+    n = 50
+    straight_trainer = make_trainer(tiny_cfg(n, **model), tmp_path / "a")
+    straight = straight_trainer.fit()
+
+    # A run that crashes when it asks for the batch of step n/2, right after checkpointing.
+    half = n // 2
+    crashed = make_trainer(
+        tiny_cfg(n, checkpoint_every=half, **model),
+        tmp_path / "b",
+        wrap=lambda s: interrupting(s, half),
+    )
+    with pytest.raises(Interrupted):
+        crashed.fit()
+    assert (tmp_path / "b" / CHECKPOINT).is_file()
+
+    starts: list[int] = []
+    fresh = make_trainer(tiny_cfg(n, **model), tmp_path / "b", wrap=lambda s: recording(s, starts))
+    resumed = fresh.fit(resume=True)
+
+    assert starts == [half], "the resumed run must continue at the checkpoint's step"
+    assert resumed.summary["steps"] == straight.summary["steps"] == n
+    a_state, b_state = straight.model.state_dict(), resumed.model.state_dict()
+    assert a_state.keys() == b_state.keys()
+    for key in a_state:
+        assert torch.equal(a_state[key], b_state[key]), key
+    assert torch.equal(straight_trainer.controller.lambdas, fresh.controller.lambdas)
+    assert torch.equal(straight_trainer.controller.l0_ema, fresh.controller.l0_ema)
+    for sa, sb in zip(straight_trainer.since_fired, fresh.since_fired, strict=True):
+        assert torch.equal(sa, sb)
+    assert len(straight.hierarchy.parents) == len(resumed.hierarchy.parents) == 2
+    for pa, pb in zip(straight.hierarchy.parents, resumed.hierarchy.parents, strict=True):
+        assert torch.equal(pa, pb)
+    # The hierarchy was really updated (not all -1), so equal parents mean something, and
+    # the lambdas moved away from their initial value, so equal lambdas do too.
+    assert all((p >= 0).any() for p in straight.hierarchy.parents)
+    assert not torch.allclose(fresh.controller.lambdas, torch.tensor(0.1))
+
+
+# ---------------------------------------------------------------- resume errors
+
+
+def checkpointed_run(out: Path, steps: int = 20) -> None:
+    make_trainer(tiny_cfg(steps, checkpoint_every=10), out).fit()
+    assert (out / CHECKPOINT).is_file()
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [dict(rho=0.02), dict(sizes=(8, 16, 48)), dict(perturb_rate=0.1)],
+    ids=["rho", "sizes", "perturb_rate"],
+)
+def test_resume_with_another_config_is_refused(tmp_path, changed):
+    checkpointed_run(tmp_path)
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    trainer = make_trainer(tiny_cfg(20, **changed), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(resume=True)
+    one_line(str(err.value))
+    assert str(tmp_path / CHECKPOINT) in str(err.value)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before, "a refused resume must not write"
+
+
+def test_resume_with_another_input_width_is_refused(tmp_path):
+    checkpointed_run(tmp_path)
+    cfg = tiny_cfg(20)
+    source = pipeline.planted_source(PlantedConfig(**(vars(TINY_FOREST) | {"d": 12})))
+    trainer = Trainer(cfg, source.d, source.stream(128, 1), tmp_path)
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(resume=True)
+    one_line(str(err.value))
+
+
+def test_resume_with_a_changed_checkpoint_interval_is_allowed(tmp_path):
+    """checkpoint_every and progress do not change the result, so they may differ."""
+    checkpointed_run(tmp_path, steps=20)
+    result = make_trainer(tiny_cfg(20, checkpoint_every=5), tmp_path).fit(resume=True)
+    assert result.summary["steps"] == 20
+
+
+def test_resume_without_checkpoint_names_the_file(tmp_path):
+    trainer = make_trainer(tiny_cfg(20), tmp_path)
+    with pytest.raises(FormatError) as err:
+        trainer.fit(resume=True)
+    message = str(err.value)
+    one_line(message)
+    assert str(tmp_path / CHECKPOINT) in message
+    assert "not found" in message
+    assert not (tmp_path / CHECKPOINT).exists()
+
+
+def test_resume_from_truncated_checkpoint_names_the_file(tmp_path):
+    checkpointed_run(tmp_path)
+    path = tmp_path / CHECKPOINT
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    trainer = make_trainer(tiny_cfg(20), tmp_path)
+    with pytest.raises(FormatError) as err:
+        trainer.fit(resume=True)
+    one_line(str(err.value))
+    assert str(path) in str(err.value)
+
+
+# ---------------------------------------------------------------- schedule and scale
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        # steps = 1000, warmup_frac = 0.1: warm-up is steps 0..99, lr = peak * (step + 1) / 100
+        (0, 0.01),
+        (49, 0.50),
+        (98, 0.99),
+        (99, 1.00),  # the peak is reached on the last warm-up step ...
+        (100, 1.00),  # ... and cosine decay over the remaining 900 steps starts from it
+        # progress p = (step - 100) / 900, lr = peak * (1 + cos(pi p)) / 2
+        (325, (1 + math.cos(math.pi / 4)) / 2),  # p = 1/4: 0.853553
+        (550, 0.50),  # p = 1/2
+        (775, (1 - math.cos(math.pi / 4)) / 2),  # p = 3/4: 0.146447
+        (999, (1 + math.cos(math.pi * 899 / 900)) / 2),  # about 3e-6: ~0 at the end
+    ],
+)
+def test_lr_schedule_hand_values(step, expected):
+    peak = 2e-3
+    assert lr_at(step, peak, 1000, 0.1) == pytest.approx(peak * expected, rel=1e-9, abs=1e-15)
+
+
+def test_lr_schedule_shape():
+    peak, steps = 1.0, 200
+    lrs = [lr_at(s, peak, steps, 0.1) for s in range(steps)]
+    warm = lrs[:20]
+    assert all(b > a for a, b in zip(warm, warm[1:]))
+    assert max(lrs) == pytest.approx(peak)
+    decay = lrs[19:]
+    assert all(b <= a for a, b in zip(decay, decay[1:]))
+    assert lrs[-1] < 1e-3 * peak
+    assert all(lr > 0 for lr in lrs), "no step may have a zero learning rate"
+
+
+def rows_with_norms(norms: torch.Tensor, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(norms.numel(), d, generator=g, dtype=torch.float64)
+    return (x / x.norm(dim=1, keepdim=True) * norms.unsqueeze(1)).float()
+
+
+def test_estimate_scale_makes_mean_norm_sqrt_d():
+    d = 25
+    # First 300 tokens: norms alternate 1 and 3 (mean 2), so s = sqrt(25) / 2 = 2.5. Rows after
+    # token 300 have norm 100: they must not be used, as n_tokens = 300.
+    norms = torch.tensor([1.0, 3.0] * 150 + [100.0] * 200)
+    x = rows_with_norms(norms, d, seed=0)
+    batches = iter(x.split(64))  # 300 is not a multiple of 64: the last batch is cut
+    scale, sample = estimate_scale(batches, 300)
+    assert scale == pytest.approx(2.5, rel=1e-5)
+    assert sample.shape == (300, d)
+    assert (scale * sample).norm(dim=1).mean().item() == pytest.approx(math.sqrt(d), rel=1e-5)
+
+
+def test_trainer_sets_scale_from_data(tmp_path):
+    """A trained model's scale makes the mean norm of the scaled training data sqrt(d)."""
+    cfg = tiny_cfg(10)
+    result = make_trainer(cfg, tmp_path).fit()
+    x = next(tiny_source().stream(4096, 7)(0))
+    mean_norm = (float(result.model.scale) * x).norm(dim=1).mean().item()
+    # estimated on 1024 tokens of the training stream, checked on 4096 others
+    assert mean_norm == pytest.approx(math.sqrt(TINY_FOREST.d), rel=0.05)
+
+
+# ---------------------------------------------------------------- constraints after training
+
+
+def test_decoder_rows_unit_norm_and_thresholds_positive(tmp_path):
+    cfg = tiny_cfg(60)
+    source = tiny_source()
+    result = pipeline.train(cfg, source, tmp_path)
+    for model in (result.model, pipeline.load(tmp_path)[0]):
+        for level in range(model.n_levels):
+            norms = model.W_dec[level].detach().norm(dim=1)
+            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), level
+            assert (model.threshold[level] > 0).all(), level
+            assert torch.isfinite(model.W_enc[level]).all()
+    # The exported (scale-folded) decoder rows have norm 1 / s.
+    scale = float(result.model.scale)
+    w = load_safetensors(tmp_path / "model" / "level_1" / "sae_weights.safetensors")["W_dec"]
+    assert torch.allclose(w.norm(dim=1), torch.full((w.shape[0],), 1 / scale), rtol=1e-5)
+
+
+# ---------------------------------------------------------------- SIGKILL and resume
+
+
+SUBPROCESS_STEPS = 150
+TRAIN_ARGS = [
+    "--model.sizes", "8,16,32",
+    "--model.target_l0", "3",
+    "--model.update_every", "25",
+    "--train.steps", str(SUBPROCESS_STEPS),
+    "--train.batch_size", "256",
+    "--train.checkpoint_every", "10",
+    "--train.lr", "3e-3",
+    "--train.lambda_init", "0.1",
+    "--train.dead_after", "20",
+    "--train.l0_ema_momentum", "0.99",
+    "--train.scale_tokens", "2048",
+    "--train.seed", "3",
+    "--planted.d", "16",
+    "--planted.n_trees", "3",
+    "--planted.branching", "2",
+    "--planted.depth", "2",
+    "--planted.n_independent", "4",
+    "--eval-tokens", "0",
+    "--quiet",
+]  # fmt: skip
+
+
+def train_command(python: str, out: Path, resume: bool = False) -> list[str]:
+    return [python, "-m", "hsae", "train", "--out", str(out), *TRAIN_ARGS] + (
+        ["--resume"] if resume else []
+    )
+
+
+def kill_after_first_checkpoint(cmd, env, out: Path, rng: random.Random) -> int:
+    """Start cmd, wait for its first checkpoint, SIGKILL it after a random delay.
+
+    Returns the checkpoint's step at the moment of the kill. Retries with a shorter delay
+    when the run finished before the signal arrived."""
+    max_delay = 0.6
+    for _ in range(6):
+        shutil.rmtree(out, ignore_errors=True)
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 120
+            while not (out / CHECKPOINT).exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint appeared"
+                time.sleep(0.005)
+            if proc.poll() is None:
+                time.sleep(rng.uniform(0.0, max_delay))
+                proc.send_signal(signal.SIGKILL)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if rc == -signal.SIGKILL and not (out / "model" / "hsae.json").exists():
+            return int(load_checkpoint(out / CHECKPOINT)[1]["step"])
+        max_delay /= 3
+    pytest.fail("could not kill the training run before it finished")
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_exact(tmp_path, subprocess_env, python_exe):
+    a, b = tmp_path / "a", tmp_path / "b"
+    done = subprocess.run(
+        train_command(python_exe, a), env=subprocess_env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    step = kill_after_first_checkpoint(
+        train_command(python_exe, b), subprocess_env, b, random.Random(20240611)
+    )
+    assert 10 <= step <= SUBPROCESS_STEPS and step % 10 == 0
+
+    resumed = subprocess.run(
+        train_command(python_exe, b, resume=True), env=subprocess_env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert int(load_checkpoint(b / CHECKPOINT)[1]["step"]) == SUBPROCESS_STEPS
+
+    levels_a = sorted(p.name for p in (a / "model").glob("level_*"))
+    levels_b = sorted(p.name for p in (b / "model").glob("level_*"))
+    assert levels_a == levels_b == ["level_0", "level_1", "level_2"]
+    for name in levels_a:
+        ta = load_safetensors(a / "model" / name / "sae_weights.safetensors")
+        tb = load_safetensors(b / "model" / name / "sae_weights.safetensors")
+        assert ta.keys() == tb.keys()
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), f"{name}/{key} differs after resume"
+    hier_a = json.loads((a / "model" / "hierarchy.json").read_text())
+    hier_b = json.loads((b / "model" / "hierarchy.json").read_text())
+    assert hier_a == hier_b
+    assert any(p >= 0 for p in hier_a["parents"][1]), "the hierarchy was never updated"
+    assert load_json(a / "model" / "hsae.json")["scale"] == load_json(
+        b / "model" / "hsae.json"
+    )["scale"]
