@@ -38,7 +38,7 @@ class HSAEConfig:
     similarity: Similarity = "encoder"
     """Parent choice: cosine of encoder columns, of decoder rows, or EMA co-activation."""
     tree: TreeVariant = "partial"
-    """partial (paper), full (quantile 0), binary (<= 2 children), fixed (frozen after 1st update)."""
+    """partial (paper), full (quantile 0), binary (<= 2 children), fixed (frozen at 1st update)."""
     unassigned_quantile: float = 0.2
     """Children whose best similarity is in this bottom quantile get no parent (partial tree)."""
     update_every: int = 5000

@@ -197,12 +197,13 @@ def pc_loss(
     a_child = a_c[tok, child]
     cos = (dec_p[parent.clamp(min=0)] * dec_c).sum(-1)  # <d_parent(j), d_j> for every child j
     cross = (a_child * a_p[tok, par] * cos[child]).sum()
-    return (parent_term - 2 * cross + _sibling_sums_sq(tok, par, a_child, dec_c[child], n_p)) / (
-        a_p.shape[0]
-    )
+    siblings = _sibling_sums_sq(tok, par, a_child, dec_c[child], n_p)
+    return (parent_term - 2 * cross + siblings) / a_p.shape[0]
 
 
-def _sibling_sums_sq(tok: Tensor, par: Tensor, a_child: Tensor, d_child: Tensor, n_p: int) -> Tensor:
+def _sibling_sums_sq(
+    tok: Tensor, par: Tensor, a_child: Tensor, d_child: Tensor, n_p: int
+) -> Tensor:
     """Sum over (token, parent) groups of ||sum_{active j in C(p)} a_j d_j||^2."""
     if tok.numel() == 0:
         return a_child.new_zeros(())

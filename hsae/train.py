@@ -159,7 +159,7 @@ class Trainer:
         m, t = self.cfg.model, self.cfg.train
         gen = step_generator(t.seed, self.step, stream=1)
         substitution: list[Tensor | None] = []
-        for level, parent in enumerate(self.hierarchy.parents):
+        for level in range(len(self.hierarchy.parents)):
             if m.perturb_rate > 0 and m.links == "joint":
                 has = self.hierarchy.has_children(level)
                 substitution.append(draw_substitution(has, m.perturb_rate, gen))
