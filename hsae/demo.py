@@ -17,8 +17,10 @@ from pathlib import Path
 from hsae import pipeline
 from hsae.cli import format_report
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.data.planted import PlantedConfig
+from hsae.data.planted import PlantedConfig, PlantedForest, match_features
+from hsae.hierarchy import children_lists
 from hsae.io import atomic_write_json
+from hsae.model import HSAE
 
 DEMO_STEPS = 2500
 EVAL_TOKENS = 65536
@@ -60,9 +62,13 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True) -> dict
             result.model, result.hierarchy.parents, source, EVAL_TOKENS
         )
         reports[name]["train"] = result.summary
+        if name == "hsae":
+            tree = describe_tree(result.model, result.hierarchy.parents, forest)
     report = {**reports, "seconds": round(time.perf_counter() - started, 1)}
     print()
     print(format_report(reports))
+    print()
+    print(tree)
     atomic_write_json(out / "report.json", report)
     print(
         f"\nwrote {out / 'report.json'}, models in {out / 'hsae' / 'model'} and "
@@ -73,3 +79,44 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True) -> dict
 
 def _baseline(cfg: RunConfig) -> RunConfig:
     return RunConfig(model=cfg.model.baseline(), train=cfg.train)
+
+
+def true_name(forest: PlantedForest, index: int) -> str:
+    """'T3.1.0': tree 3, its root's child 1, that child's child 0; 'I7': independent 7."""
+    if int(forest.tree[index]) < 0:
+        return f"I{index - forest.n_tree_nodes}"
+    path = []
+    while index >= 0:
+        parent = int(forest.parent[index])
+        siblings = (forest.parent == parent) & (forest.tree == forest.tree[index])
+        path.append(int(siblings[:index].sum()) if parent >= 0 else int(forest.tree[index]))
+        index = parent
+    return "T" + ".".join(map(str, reversed(path)))
+
+
+def describe_tree(model: HSAE, parents: list, forest: PlantedForest, max_children: int = 4) -> str:
+    """The learned tree with the most descendants, each feature named by the planted
+    feature its decoder row matches (cosine >= 0.9), or '?' if none."""
+    matches = [match_features(forest, w.detach()).tolist() for w in model.W_dec]
+    children = [children_lists(p, n) for p, n in zip(parents, model.sizes)]
+
+    def size(level: int, i: int) -> int:
+        if level >= len(children):
+            return 1
+        return 1 + sum(size(level + 1, j) for j in children[level][i])
+
+    def lines(level: int, i: int, indent: str) -> list[str]:
+        m = matches[level][i]
+        label = true_name(forest, m) if m >= 0 else "?"
+        out = [f"{indent}level {level} #{i:<4} = {label}"]
+        if level < len(children):
+            kids = sorted(children[level][i], key=lambda j: -size(level + 1, j))
+            for j in kids[:max_children]:
+                out += lines(level + 1, j, indent + "    ")
+            if len(kids) > max_children:
+                out.append(f"{indent}    ... {len(kids) - max_children} more")
+        return out
+
+    root = max(range(model.sizes[0]), key=lambda i: size(0, i))
+    header = "the largest learned tree (features named by the planted feature they match):"
+    return "\n".join([header, *lines(0, root, "  ")])

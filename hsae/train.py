@@ -186,8 +186,7 @@ class Trainer:
         self.model.apply_constraints()
         self.controller.update(out.l0)
         self._track_firing(out.acts)
-        if self.cfg.model.links == "joint":
-            self.hierarchy.observe(out.acts)
+        self.hierarchy.observe(out.acts)  # co-activation EMA, when that is the similarity
         self.step += 1
         if self.cfg.model.links == "joint" and self.step % self.cfg.model.update_every == 0:
             self.hierarchy.update(self.model)
