@@ -14,7 +14,7 @@ import typing
 from pathlib import Path
 
 from hsae import pipeline
-from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
+from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, describe_type
 from hsae.data.planted import PlantedConfig
 from hsae.io import FormatError, atomic_write_json, load_json
 
@@ -25,16 +25,28 @@ SECTIONS = {"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig}
 
 
 def _parse_value(kind, text: str):
+    """A flag's text as the field's type; argparse turns the error into a message."""
     origin = typing.get_origin(kind)
     if kind is bool:
         if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
         return text.lower() in ("true", "1", "yes")
-    if origin is tuple:
-        return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-    if origin is typing.Literal:
-        return text
-    return kind(text)
+    try:
+        if origin is tuple:
+            return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
+        if origin is typing.Literal:
+            return text
+        return kind(text)
+    except ValueError:
+        what = "comma-separated integers" if origin is tuple else describe_type(kind)
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (`hsae train: error: ...`), not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type) -> None:
@@ -159,8 +171,8 @@ def format_report(reports: dict[str, dict]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsae", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="hsae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     demo = sub.add_parser("demo", help="train HSAE and the post-hoc baseline on a planted forest")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")

@@ -6,6 +6,7 @@ Defaults are the paper's (section 4, appendix A) unless a comment says otherwise
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -139,11 +140,43 @@ class RunConfig:
 
 
 def _build(kind: type, data: dict):
-    names = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(data) - names)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{kind.__name__} must be a JSON object, got {data!r}")
+    hints = typing.get_type_hints(kind)
+    unknown = sorted(set(data) - set(hints))
     if unknown:
         raise ConfigError(f"unknown {kind.__name__} field(s): {', '.join(unknown)}")
+    for name, value in data.items():
+        if not _fits(hints[name], value):
+            raise ConfigError(f"{name} must be {describe_type(hints[name])}, got {value!r}")
     return kind(**data)
+
+
+def _fits(hint, value) -> bool:
+    """Whether a JSON value has the type a config field declares."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin is tuple:
+        return isinstance(value, list | tuple) and all(_fits(int, v) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def describe_type(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin is tuple:
+        return "a list of integers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, hint.__name__
+    )
 
 
 def _check_unit(name: str, value: float) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import Tensor
 
 PathLike = str | os.PathLike
@@ -105,11 +105,6 @@ def _make_sibling_dir(path: Path, suffix: str) -> Path:
             continue
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as handle:
-        os.fsync(handle.fileno())
-
-
 def _fsync_dir(path: Path) -> None:
     """Persist a rename: the directory entry lives in the parent directory."""
     try:
@@ -175,13 +170,7 @@ def atomic_save_safetensors(
     path: PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None
 ) -> None:
     """Save ``tensors`` (moved to CPU, made contiguous) as one safetensors file, atomically."""
-    path = Path(path)
-    prepared = _cpu_tensors(tensors)
-    with _temp_beside(path) as tmp:
-        save_file(prepared, os.fspath(tmp), metadata=metadata)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, save_bytes(_cpu_tensors(tensors), metadata=metadata))
 
 
 # --------------------------------------------------------------------------- safe loads

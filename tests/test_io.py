@@ -249,15 +249,15 @@ def test_failed_directory_write_keeps_previous(tmp_path: Path, monkeypatch) -> N
     old_levels, _ = save_example(out, seed=0)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     calls = {"n": 0}
-    real_save_file = hio.save_file
+    real_save_bytes = hio.save_bytes
 
-    def failing_save_file(*args, **kwargs):
+    def failing_save_bytes(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full")
-        return real_save_file(*args, **kwargs)
+        return real_save_bytes(*args, **kwargs)
 
-    monkeypatch.setattr(hio, "save_file", failing_save_file)
+    monkeypatch.setattr(hio, "save_bytes", failing_save_bytes)
     with pytest.raises(OSError, match="disk full"):
         save_example(out, seed=1)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}

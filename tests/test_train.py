@@ -94,27 +94,34 @@ def one_line(message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "model, train",
+    "model, train, crash_at",
     [
-        (dict(similarity="encoder", tree="partial"), {}),
-        # Co-activation statistics and the frozen flag are extra checkpoint state. Small
-        # batches and dead_after = 2 make some features count as dead at the checkpoint, so
-        # the ghost-grad bookkeeping (since_fired) matters too.
-        (dict(similarity="coactivation", tree="fixed"), dict(batch_size=32, dead_after=2)),
+        (dict(similarity="encoder", tree="partial"), {}, 25),
+        # Co-activation statistics are extra checkpoint state. Small batches and
+        # dead_after = 1 make several features count as dead at step 24, so the ghost-grad
+        # bookkeeping (since_fired) matters too. (scale_tokens stays below 24 batches: the
+        # scale estimate reads the stream too and must not hit the crash.)
+        (
+            dict(similarity="coactivation", tree="partial"),
+            dict(batch_size=32, dead_after=1, scale_tokens=512),
+            24,
+        ),
+        # The frozen flag: after the first update (step 10) a fixed tree never changes.
+        (dict(similarity="decoder", tree="fixed"), {}, 25),
     ],
-    ids=["encoder-partial", "coactivation-fixed-ghosts"],
+    ids=["encoder-partial", "coactivation-ghosts", "decoder-fixed"],
 )
-def test_resume_in_process_equals_straight_run(tmp_path, model, train):
+def test_resume_in_process_equals_straight_run(tmp_path, model, train, crash_at):
     n = 50
     straight_trainer = make_trainer(tiny_cfg(n, train=train, **model), tmp_path / "a")
     straight = straight_trainer.fit()
 
-    # A run that crashes when it asks for the batch of step n/2, right after checkpointing.
-    half = n // 2
+    # A run that crashes when it asks for the batch of step crash_at, right after
+    # checkpointing there.
     crashed = make_trainer(
-        tiny_cfg(n, checkpoint_every=half, train=train, **model),
+        tiny_cfg(n, checkpoint_every=crash_at, train=train, **model),
         tmp_path / "b",
-        wrap=lambda s: interrupting(s, half),
+        wrap=lambda s: interrupting(s, crash_at),
     )
     with pytest.raises(Interrupted):
         crashed.fit()
@@ -126,7 +133,7 @@ def test_resume_in_process_equals_straight_run(tmp_path, model, train):
     )
     resumed = fresh.fit(resume=True)
 
-    assert starts == [half], "the resumed run must continue at the checkpoint's step"
+    assert starts == [crash_at], "the resumed run must continue at the checkpoint's step"
     assert resumed.summary["steps"] == straight.summary["steps"] == n
     a_state, b_state = straight.model.state_dict(), resumed.model.state_dict()
     assert a_state.keys() == b_state.keys()
