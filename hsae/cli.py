@@ -129,7 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from hsae.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, progress=not args.quiet)
+    run_demo(Path(args.out), steps=args.steps, progress=not args.quiet, seed=args.seed)
 
 
 # ---------------------------------------------------------------- report table
@@ -177,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="train HSAE and the post-hoc baseline on a planted forest")
     demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     demo.add_argument("--steps", type=int, default=None, help="training steps per model")
+    demo.add_argument("--seed", type=int, default=0, help="training seed (the forest is fixed)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="train an HSAE")

@@ -101,6 +101,8 @@ class TrainConfig:
     """Steps between checkpoints (0: none)."""
     scale_tokens: int = 65536
     """Tokens used to estimate the input scale s before training."""
+    deterministic: bool = True
+    """Deterministic kernels: a resumed run ends bit-identical to an uninterrupted one."""
     progress: bool = True
 
     def validate(self) -> None:

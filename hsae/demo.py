@@ -26,7 +26,7 @@ DEMO_STEPS = 2500
 EVAL_TOKENS = 65536
 
 
-def demo_config(steps: int = DEMO_STEPS, progress: bool = True) -> RunConfig:
+def demo_config(steps: int = DEMO_STEPS, progress: bool = True, seed: int = 0) -> RunConfig:
     model = HSAEConfig(sizes=(32, 64, 128, 256), target_l0=8, update_every=max(1, steps // 10))
     train = TrainConfig(
         steps=steps,
@@ -37,11 +37,12 @@ def demo_config(steps: int = DEMO_STEPS, progress: bool = True) -> RunConfig:
         dead_after=200,
         checkpoint_every=0,
         progress=progress,
+        seed=seed,
     )
     return RunConfig(model=model, train=train)
 
 
-def run_demo(out: Path, steps: int | None = None, progress: bool = True) -> dict:
+def run_demo(out: Path, steps: int | None = None, progress: bool = True, seed: int = 0) -> dict:
     started = time.perf_counter()
     source = pipeline.planted_source(PlantedConfig())
     forest = source.forest
@@ -50,7 +51,7 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True) -> dict
         f"({forest.n_tree_nodes} in {forest.cfg.n_trees} trees of depth "
         f"{forest.cfg.depth}, {forest.cfg.n_independent} independent)"
     )
-    hsae_cfg = demo_config(steps or DEMO_STEPS, progress)
+    hsae_cfg = demo_config(steps or DEMO_STEPS, progress, seed)
     reports = {}
     for name, cfg in (("hsae", hsae_cfg), ("baseline", _baseline(hsae_cfg))):
         print(

@@ -188,10 +188,18 @@ class Trainer:
         self._track_firing(out.acts)
         self.hierarchy.observe(out.acts)  # co-activation EMA, when that is the similarity
         self.step += 1
-        if self.cfg.model.links == "joint" and self.step % self.cfg.model.update_every == 0:
+        if self.links_update_due():
             self.hierarchy.update(self.model)
         self.last = out
         return out.total.detach()
+
+    def links_update_due(self) -> bool:
+        """Joint training re-links every update_every steps, but not after the last step:
+        the final links are the ones the model was trained with (a last-step update would
+        be a post-hoc re-link of the finished model)."""
+        m = self.cfg.model
+        last = self.step >= self.cfg.train.steps
+        return m.links == "joint" and self.step % m.update_every == 0 and not last
 
     @torch.no_grad()
     def _track_firing(self, acts: list[Tensor]) -> None:
@@ -202,6 +210,16 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self, resume: bool = False) -> TrainResult:
+        # Some CPU kernels of the sparse constraint loss (index_put with accumulation)
+        # are parallel and order-dependent; the deterministic ones cost no measurable time.
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(self.cfg.train.deterministic)
+        try:
+            return self._fit(resume)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+    def _fit(self, resume: bool) -> TrainResult:
         t = self.cfg.train
         if resume:
             self.load_checkpoint()
