@@ -96,28 +96,30 @@ def true_name(forest: PlantedForest, index: int) -> str:
 
 
 def describe_tree(model: HSAE, parents: list, forest: PlantedForest, max_children: int = 4) -> str:
-    """The learned tree with the most descendants, each feature named by the planted
-    feature its decoder row matches (cosine >= 0.9), or '?' if none."""
+    """A learned tree rooted at a match of a planted root, the one with the most features
+    that match a planted one (cosine >= 0.9); each named by its match, or '?' if none."""
     matches = [match_features(forest, w.detach()).tolist() for w in model.W_dec]
     children = [children_lists(p, n) for p, n in zip(parents, model.sizes)]
 
-    def size(level: int, i: int) -> int:
-        if level >= len(children):
-            return 1
-        return 1 + sum(size(level + 1, j) for j in children[level][i])
+    def matched(level: int, i: int) -> int:
+        below = children[level][i] if level < len(children) else []
+        return (matches[level][i] >= 0) + sum(matched(level + 1, j) for j in below)
 
     def lines(level: int, i: int, indent: str) -> list[str]:
         m = matches[level][i]
         label = true_name(forest, m) if m >= 0 else "?"
         out = [f"{indent}level {level} #{i:<4} = {label}"]
         if level < len(children):
-            kids = sorted(children[level][i], key=lambda j: -size(level + 1, j))
+            kids = sorted(children[level][i], key=lambda j: -matched(level + 1, j))
             for j in kids[:max_children]:
                 out += lines(level + 1, j, indent + "    ")
             if len(kids) > max_children:
                 out.append(f"{indent}    ... {len(kids) - max_children} more")
         return out
 
-    root = max(range(model.sizes[0]), key=lambda i: size(0, i))
-    header = "the largest learned tree (features named by the planted feature they match):"
+    def in_planted_tree(i: int) -> bool:
+        return matches[0][i] >= 0 and int(forest.tree[matches[0][i]]) >= 0
+
+    root = max(range(model.sizes[0]), key=lambda i: (in_planted_tree(i), matched(0, i)))
+    header = "the learned tree with the most matched features (T3.1 = tree 3, its child 1):"
     return "\n".join([header, *lines(0, root, "  ")])

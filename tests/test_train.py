@@ -399,3 +399,24 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, subprocess_env, python_exe)
         load_json(a / "model" / "hsae.json")["scale"]
         == load_json(b / "model" / "hsae.json")["scale"]
     )
+
+
+@pytest.mark.parametrize("links", ["joint", "posthoc"])
+def test_hierarchy_updates_at_multiples_but_not_after_the_last_step(tmp_path, monkeypatch, links):
+    """Joint: one update at every multiple of update_every except the final step, so the
+    model ends with the links it trained with. Post-hoc: one update, after training."""
+    from hsae.hierarchy import Hierarchy
+
+    cfg = tiny_cfg(60, update_every=20, links=links)
+    seen: list[int] = []
+    real_update = Hierarchy.update
+
+    def record(self, model):
+        seen.append(trainer.step)
+        real_update(self, model)
+
+    monkeypatch.setattr(Hierarchy, "update", record)
+    source = tiny_source()
+    trainer = Trainer(cfg, source.d, source.stream(cfg.train.batch_size, 0), tmp_path)
+    trainer.fit()
+    assert seen == ([20, 40] if links == "joint" else [60])
