@@ -231,7 +231,7 @@ class Trainer:
             total=t.steps,
             initial=self.step,
             disable=not t.progress,
-            desc="hsae",
+            desc=self.out_dir.name,
             dynamic_ncols=True,
         )
         while self.step < t.steps:

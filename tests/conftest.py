@@ -10,6 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+TINY_RUN_FLAGS = [
+    "--planted.d", "16",
+    "--planted.n_trees", "3",
+    "--planted.branching", "2",
+    "--planted.depth", "2",
+    "--planted.n_independent", "4",
+    "--eval-tokens", "0",
+    "--quiet",
+]  # fmt: skip
+"""A tiny planted forest and a quiet run without evaluation, for CLI runs in tests."""
+
 
 @pytest.fixture
 def one_thread():

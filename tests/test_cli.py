@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN_FLAGS
 
 from hsae.cli import main
 from hsae.io import load_json, load_safetensors
@@ -29,13 +30,7 @@ SMALL = [
     "--train.lr", "3e-3",
     "--train.lambda_init", "0.1",
     "--train.scale_tokens", "1024",
-    "--planted.d", "16",
-    "--planted.n_trees", "3",
-    "--planted.branching", "2",
-    "--planted.depth", "2",
-    "--planted.n_independent", "4",
-    "--eval-tokens", "0",
-    "--quiet",
+    *TINY_RUN_FLAGS,
 ]  # fmt: skip
 NPY_ROWS, NPY_D = 4096, 16
 EVAL_FRAC = 0.05

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN_FLAGS
 
 from hsae import pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
@@ -317,13 +318,7 @@ TRAIN_ARGS = [
     "--train.l0_ema_momentum", "0.99",
     "--train.scale_tokens", "2048",
     "--train.seed", "3",
-    "--planted.d", "16",
-    "--planted.n_trees", "3",
-    "--planted.branching", "2",
-    "--planted.depth", "2",
-    "--planted.n_independent", "4",
-    "--eval-tokens", "0",
-    "--quiet",
+    *TINY_RUN_FLAGS,
 ]  # fmt: skip
 
 
