@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from hsae import io
 from hsae.config import ConfigError, RunConfig
 from hsae.hierarchy import Hierarchy
-from hsae.model import HSAE, LossInputs, draw_substitution, hsae_loss
+from hsae.model import HSAE, LossInputs, LossOutput, draw_substitution, hsae_loss
 from hsae.sparsity import SparsityController
 
 Stream = Callable[[int], Iterator[Tensor]]
@@ -83,6 +83,7 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
         self.since_fired = [torch.zeros(n, dtype=torch.long) for n in m.sizes]
         self.step = 0
+        self.last: LossOutput | None = None  # the latest step's output, for the progress bar
 
     # ------------------------------------------------------------ set-up and checkpoints
 
