@@ -13,7 +13,7 @@ import sys
 import typing
 from pathlib import Path
 
-from hsae import pipeline
+from hsae import distributed, pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, describe_type
 from hsae.data.planted import PlantedConfig
 from hsae.io import FormatError, atomic_write_json, load_json
@@ -102,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = run_config(args)
     source = source_from_args(args)
     result = pipeline.train(cfg, source, args.out, resume=args.resume)
+    if not distributed.is_main():
+        return
     print(
         f"trained {result.summary['steps']} steps in {result.summary['seconds']:.0f} s; "
         f"model written to {Path(args.out) / pipeline.MODEL_DIR}"

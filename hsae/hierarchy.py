@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from hsae import distributed
 from hsae.config import HSAEConfig
 from hsae.model import HSAE
 
@@ -120,7 +121,7 @@ class Hierarchy:
         m = self.cfg.coact_momentum
         fired = [(a > 0).to(a.dtype) for a in acts]
         for level, stats in enumerate(self.coact):
-            both = fired[level + 1].T @ fired[level] / fired[level].shape[0]
+            both = distributed.mean(fired[level + 1].T @ fired[level] / fired[level].shape[0])
             stats.mul_(m).add_(both, alpha=1 - m)
 
     @torch.no_grad()

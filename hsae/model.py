@@ -100,6 +100,10 @@ class HSAE(nn.Module):
         """SAE_l(x) = b_dec,l + a_l W_dec,l."""
         return acts @ self.W_dec[level] + self.b_dec[level]
 
+    def forward(self, x: Tensor, inputs: LossInputs) -> LossOutput:
+        """The training loss on a scaled batch (DistributedDataParallel calls this)."""
+        return hsae_loss(self, x, inputs)
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor, target_l0: float) -> None:
         """b_dec = data mean; theta per feature so that each level starts at the target L0.

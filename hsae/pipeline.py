@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hsae import io
+from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
 from hsae.data.activations import NpyActivations
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
@@ -78,11 +78,17 @@ def source_from_description(description: dict, expected_d: int) -> Source:
 
 
 def train(cfg: RunConfig, source: Source, out_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Train (or resume) in out_dir, then write the trained directory out_dir/model."""
+    """Train (or resume) in out_dir, then write the trained directory out_dir/model.
+
+    Under torchrun every process runs this; each takes its share of every batch and
+    rank 0 alone writes."""
+    distributed.init_from_env()
     stream = source.stream(cfg.train.batch_size, cfg.train.seed)
     trainer = Trainer(cfg, source.d, stream, out_dir)
     result = trainer.fit(resume=resume)
-    save(result, cfg, source, Path(out_dir) / MODEL_DIR)
+    if distributed.is_main():
+        save(result, cfg, source, Path(out_dir) / MODEL_DIR)
+    distributed.barrier()
     return result
 
 

@@ -22,10 +22,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hsae import io
+from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
 from hsae.hierarchy import Hierarchy
-from hsae.model import HSAE, LossInputs, LossOutput, draw_substitution, hsae_loss
+from hsae.model import HSAE, LossInputs, LossOutput, draw_substitution
 from hsae.sparsity import SparsityController
 
 Stream = Callable[[int], Iterator[Tensor]]
@@ -72,7 +72,8 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, d_in: int, stream: Stream, out_dir: str | Path):
         cfg.validate()
-        self.cfg, self.d_in, self.stream = cfg, d_in, stream
+        self.cfg, self.d_in = cfg, d_in
+        self.stream = distributed.local_slice(stream)  # this rank's rows of each batch
         self.out_dir = Path(out_dir)
         m, t = cfg.model, cfg.train
         self.model = HSAE(d_in, m.sizes, m.bandwidth, seed=t.seed)
@@ -81,6 +82,7 @@ class Trainer:
             len(m.sizes), m.target_l0, t.eta, t.l0_ema_momentum, t.lambda_init, t.lambda_step
         )
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        self.module: torch.nn.Module = self.model  # wrapped in DDP once initialised
         self.since_fired = [torch.zeros(n, dtype=torch.long) for n in m.sizes]
         self.step = 0
         self.last: LossOutput | None = None  # the latest step's output, for the progress bar
@@ -88,7 +90,8 @@ class Trainer:
     # ------------------------------------------------------------ set-up and checkpoints
 
     def init_fresh(self) -> None:
-        scale, sample = estimate_scale(self.stream(0), self.cfg.train.scale_tokens)
+        batches = distributed.global_batches(self.stream(0))
+        scale, sample = estimate_scale(batches, self.cfg.train.scale_tokens)
         if not math.isfinite(scale) or scale <= 0:
             raise ConfigError("cannot estimate the input scale: activations are all zero")
         self.model.scale.fill_(scale)
@@ -109,8 +112,10 @@ class Trainer:
             "d_in": self.d_in,
             "frozen": self.hierarchy.frozen,
         }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        io.save_checkpoint(self.checkpoint_path(), tensors, state)
+        if distributed.is_main():  # one writer; the others wait for the file
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            io.save_checkpoint(self.checkpoint_path(), tensors, state)
+        distributed.barrier()
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path()
@@ -179,13 +184,13 @@ class Trainer:
         x = x_raw.float() * self.model.scale
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t.lr, t.steps, t.warmup_frac)
-        out = hsae_loss(self.model, x, self.loss_inputs())
+        out = self.module(x, self.loss_inputs())
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
         self.model.project_decoder_grads()
         self.opt.step()
         self.model.apply_constraints()
-        self.controller.update(out.l0)
+        self.controller.update(distributed.mean(out.l0))
         self._track_firing(out.acts)
         self.hierarchy.observe(out.acts)  # co-activation EMA, when that is the similarity
         self.step += 1
@@ -205,7 +210,7 @@ class Trainer:
     @torch.no_grad()
     def _track_firing(self, acts: list[Tensor]) -> None:
         for level, a in enumerate(acts):
-            fired = (a > 0).any(0)
+            fired = distributed.any_((a > 0).any(0))
             self.since_fired[level] = torch.where(fired, 0, self.since_fired[level] + 1)
 
     # ------------------------------------------------------------ the loop
@@ -226,12 +231,14 @@ class Trainer:
             self.load_checkpoint()
         else:
             self.init_fresh()
+        if distributed.active():
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
         start, started_at = self.step, time.perf_counter()
         batches = self.stream(self.step)
         bar = tqdm(
             total=t.steps,
             initial=self.step,
-            disable=not t.progress,
+            disable=not t.progress or not distributed.is_main(),
             desc=self.out_dir.name,
             dynamic_ncols=True,
         )
@@ -271,4 +278,5 @@ class Trainer:
             "l0_ema": self.controller.l0_ema.tolist(),
             "lambdas": self.controller.lambdas.tolist(),
             "scale": float(self.model.scale),
+            "world_size": distributed.world_size(),
         }

@@ -1,0 +1,96 @@
+"""Data-parallel training across processes (`torchrun --nproc_per_node N -m hsae train`).
+
+PyTorch's DistributedDataParallel averages the gradients; this module holds the few other
+collectives that keep every rank's state identical to a one-process run with the same
+global batch: the L0 that the sparsity controller sees, which features fired, the
+co-activation statistics and the initialisation sample. Outside torchrun (or with one
+process) every function here is a no-op, so the single-process code path is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def init_from_env() -> None:
+    """Join the process group that torchrun describes in the environment (NCCL on GPUs,
+    gloo on CPU); nothing to do for a plain `hsae train`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def mean(t: Tensor) -> Tensor:
+    """The mean over ranks of a tensor of the same shape on every rank."""
+    if not active():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world_size()
+
+
+def any_(mask: Tensor) -> Tensor:
+    """Element-wise OR over ranks of a boolean tensor."""
+    if not active():
+        return mask
+    as_int = mask.to(torch.int32)
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.bool()
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """Every rank's rows, concatenated in rank order (equal row counts on every rank)."""
+    if not active():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def local_slice(stream: Callable[[int], Iterator[Tensor]]) -> Callable[[int], Iterator[Tensor]]:
+    """This rank's share of each global batch: rows [r*b, (r+1)*b) of batch k.
+
+    Together the ranks see exactly the global batch of a one-process run."""
+    if not active():
+        return stream
+    r, n = rank(), world_size()
+
+    def sliced(start_step: int) -> Iterator[Tensor]:
+        for x in stream(start_step):
+            if x.shape[0] % n:
+                raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} processes")
+            share = x.shape[0] // n
+            yield x[r * share : (r + 1) * share]
+
+    return sliced
+
+
+def global_batches(local: Iterator[Tensor]) -> Iterator[Tensor]:
+    """Reassemble the global batches from every rank's local share."""
+    for x in local:
+        yield gather_rows(x)
