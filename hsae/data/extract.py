@@ -165,13 +165,54 @@ def _one_line(exc: BaseException) -> str:
 # the layer
 
 
-def find_blocks(model: nn.Module, n_layers: int) -> nn.ModuleList:
-    """The model's first ``nn.ModuleList`` of ``n_layers`` modules of one class."""
-    for module in model.modules():
-        same_class = isinstance(module, nn.ModuleList) and len({type(b) for b in module}) == 1
-        if same_class and len(module) == n_layers > 0:
-            return module
-    raise FormatError(f"cannot find the {n_layers} blocks of {type(model).__name__}")
+BLOCK_PATHS = (
+    "transformer.h",
+    "model.layers",
+    "model.language_model.layers",
+    "language_model.model.layers",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+    "transformer.layers",
+    "transformer.blocks",
+    "bert.encoder.layer",
+    "roberta.encoder.layer",
+    "xlm_roberta.encoder.layer",
+    "electra.encoder.layer",
+    "deberta.encoder.layer",
+    "distilbert.transformer.layer",
+    "model.encoder.layer",
+    "encoder.layer",
+    "transformer.layer",
+    "layers",
+    "h",
+)
+"""Attribute paths of the block list in common Hugging Face models, tried in this order."""
+
+
+def _get_path(obj: object, path: str) -> object | None:
+    for name in path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks, found at a common attribute path, or the only
+    ModuleList whose length is ``config.num_hidden_layers``."""
+    for path in BLOCK_PATHS:
+        blocks = _get_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            return blocks
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if n:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+        if len(lists) == 1:
+            return lists[0]
+    raise FormatError(
+        f"cannot find the transformer blocks of {type(model).__name__} "
+        f"(tried {', '.join(BLOCK_PATHS[:4])}, ...)"
+    )
 
 
 def check_layer(lm: LoadedLM, layer: int) -> None:
@@ -187,7 +228,7 @@ def layer_activations(
 ) -> Tensor:
     """Hidden state ``layer`` (see module doc) for a padded batch: ``[batch, seq, d]``."""
     check_layer(lm, layer)
-    blocks = find_blocks(lm.model, lm.n_layers)
+    blocks = find_blocks(lm.model)
     captured: list[Tensor] = []
 
     def grab(hidden: object) -> None:
