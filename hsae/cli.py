@@ -49,14 +49,23 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return "required"
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+    return f"default: {shown}"
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type) -> None:
     group = parser.add_argument_group(f"{prefix} options")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
         choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         group.add_argument(
             f"--{prefix}.{f.name}",
             dest=f"{prefix}.{f.name}",
@@ -64,7 +73,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type)
             choices=choices,
             type=lambda text, kind=kind: _parse_value(kind, text),
             metavar=f.name.upper(),
-            help=f"(default: {shown})",
+            required=_default_text(f) == "required",
+            help=f"({_default_text(f)})",
         )
 
 
@@ -92,7 +102,7 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 def source_from_args(args: argparse.Namespace, expected_d: int | None = None) -> pipeline.Source:
     if args.data == "planted":
         return pipeline.planted_source(PlantedConfig(**overrides(args, "planted")))
-    return pipeline.npy_source(args.data, args.eval_frac, expected_d)
+    return pipeline.file_source(args.data, args.eval_frac, expected_d)
 
 
 # ---------------------------------------------------------------- commands
@@ -122,10 +132,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         source = pipeline.source_from_description(header["config"].get("data", {}), model.d_in)
     report = pipeline.evaluate_model(model, parents, source, args.tokens)
+    if args.splice:
+        report["splice"] = pipeline.splice_report(model, header, args.splice)
+        report["loss_recovered"] = [lv["loss_recovered"] for lv in report["splice"]["levels"]]
     print(format_report({"model": report}))
     if args.json:
         atomic_write_json(args.json, report)
         print(f"wrote {args.json}")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    req = pipeline.CacheRequest(**overrides(args, "cache"))
+    cache = pipeline.cache_activations(req, progress=not args.quiet)
+    print(
+        f"cache {req.out}: {cache.n} activations of width {cache.d} "
+        f"({req.model}, layer {req.layer}, text {req.text}), input scale {cache.scale:.4g}"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -146,6 +168,7 @@ ROWS = [
     ("recovered per level", "recovered", "{:d}"),
     ("edge precision", "edge_precision", "{:.3f}"),
     ("recall of true edges", "recall", "{:.3f}"),
+    ("loss recovered per level", "loss_recovered", "{:.3f}"),
 ]
 
 
@@ -184,7 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an HSAE")
     train.add_argument("--config", help="JSON file with 'model' and 'train' sections")
-    train.add_argument("--data", default="planted", help="'planted' or a .npy file (N, d)")
+    train.add_argument(
+        "--data",
+        default="planted",
+        help="'planted', a .npy file (N, d) or a cache directory (hsae cache)",
+    )
     train.add_argument("--out", required=True, help="run directory (checkpoint, model/)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     train.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
@@ -193,17 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     for prefix, cls in SECTIONS.items():
         add_dataclass_flags(train, prefix, cls)
 
+    cache = sub.add_parser("cache", help="extract a language model's activations to disk")
+    add_dataclass_flags(cache, "cache", pipeline.CacheRequest)
+    cache.add_argument("--quiet", action="store_true", help="no progress bar")
+
     ev = sub.add_parser("eval", help="measures of a trained HSAE on held-out activations")
     ev.add_argument("model_dir", help="trained directory (or a run directory with model/)")
     ev.add_argument("--data", default=None, help="'planted' or a .npy file; default: training data")
     ev.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
     ev.add_argument("--tokens", type=int, default=65536, help="held-out tokens to evaluate")
     ev.add_argument("--json", help="also write the full report to this JSON file")
+    ev.add_argument(
+        "--splice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="loss recovered per level on N held-out texts (models trained on a cache)",
+    )
     add_dataclass_flags(ev, "planted", PlantedConfig)
     return parser
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval}
+COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "cache": cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

