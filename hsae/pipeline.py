@@ -233,7 +233,13 @@ def splice_report(model: HSAE, header: dict, n_texts: int, batch_size: int = 8) 
     cache = CachedActivations(data["path"])
     meta = cache.meta
     lm = load_lm(resolve_model(meta["model"]))
-    texts = skip_texts(text_source(meta["text"]), cache.manifest["texts_done"])
+    done = cache.manifest["texts_done"]
+    texts = skip_texts(text_source(meta["text"]), done)
+    if next(iter(skip_texts(text_source(meta["text"]), done)), None) is None:
+        raise ConfigError(
+            f"the cache used every text of {meta['text']!r} ({done}); cache fewer tokens "
+            "(--cache.max_tokens) to keep unseen texts for --splice"
+        )
     return splice_eval(
         lm.model,
         lm.tokenizer,
