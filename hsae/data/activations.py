@@ -32,7 +32,37 @@ from torch import Tensor
 from hsae.io import FormatError
 
 
-class NpyActivations:
+class HeldOutSplit:
+    """Train / held-out views of a row source: the last rows are held out, and the train
+    view's batches never draw them. Subclasses provide `n`, `start`, `stop`, `_view` and
+    `label` (the source's name in messages)."""
+
+    n: int
+    start: int
+    stop: int
+    label: str
+
+    def _view(self, start: int, stop: int):
+        raise NotImplementedError
+
+    def split(self, eval_frac: float):
+        """``(train, held_out)`` views: the last ``eval_frac`` of rows (>= 1 row) are held out."""
+        if not 0.0 < eval_frac < 1.0:
+            raise ValueError(f"eval_frac must lie in (0, 1), got {eval_frac}")
+        return self.split_rows(max(1, round(self.n * eval_frac)))
+
+    def split_rows(self, n_eval: int):
+        """``(train, held_out)`` views: the last ``n_eval`` rows of this view are held out."""
+        if not 0 < n_eval < self.n:
+            raise FormatError(
+                f"{self.label}: cannot hold out {n_eval} of {self.n} rows "
+                "(both train and evaluation sets need at least one row)"
+            )
+        cut = self.stop - n_eval
+        return self._view(self.start, cut), self._view(cut, self.stop)
+
+
+class NpyActivations(HeldOutSplit):
     """Rows ``[start, stop)`` of a memory-mapped ``(N, d)`` float ``.npy`` file."""
 
     def __init__(self, path: str | os.PathLike, expected_d: int | None = None) -> None:
@@ -60,28 +90,16 @@ class NpyActivations:
     def __repr__(self) -> str:
         return f"NpyActivations({str(self.path)!r}, rows {self.start}:{self.stop}, d={self.d})"
 
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
     def _view(self, start: int, stop: int) -> NpyActivations:
         """A view of rows ``[start, stop)`` of the file, sharing the memory map."""
         view = copy.copy(self)
         view.start, view.stop = start, stop
         view._perm_cache = {}
         return view
-
-    def split(self, eval_frac: float) -> tuple[NpyActivations, NpyActivations]:
-        """``(train, held_out)`` views: the last ``eval_frac`` of rows (>= 1 row) are held out."""
-        if not 0.0 < eval_frac < 1.0:
-            raise ValueError(f"eval_frac must lie in (0, 1), got {eval_frac}")
-        return self.split_rows(max(1, round(self.n * eval_frac)))
-
-    def split_rows(self, n_eval: int) -> tuple[NpyActivations, NpyActivations]:
-        """``(train, held_out)`` views: the last ``n_eval`` rows of this view are held out."""
-        if not 0 < n_eval < self.n:
-            raise FormatError(
-                f"{self.path}: cannot hold out {n_eval} of {self.n} rows "
-                "(both train and evaluation sets need at least one row)"
-            )
-        cut = self.stop - n_eval
-        return self._view(self.start, cut), self._view(cut, self.stop)
 
     # ------------------------------------------------------------------ reading
 

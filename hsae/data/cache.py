@@ -59,6 +59,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from hsae import io
+from hsae.data.activations import HeldOutSplit
 from hsae.io import FormatError
 
 CACHE_FORMAT = "hsae-cache/1"
@@ -427,7 +428,7 @@ class _EpochPlan:
     starts: list[int]  # position in the epoch where each window starts; one extra at the end
 
 
-class CachedActivations:
+class CachedActivations(HeldOutSplit):
     """Rows ``[start, stop)`` of a complete activation cache, as float32 batches."""
 
     def __init__(self, directory: str | os.PathLike, expected_d: int | None = None) -> None:
@@ -510,28 +511,15 @@ class CachedActivations:
         self._pieces = pieces
         self._plans: dict[tuple[int, int, int], _EpochPlan] = {}
 
+    @property
+    def label(self) -> str:
+        return f"cache {self.directory}"
+
     def _view(self, start: int, stop: int) -> CachedActivations:
         view = copy.copy(self)
         view.start, view.stop = start, stop
         view._set_pieces()
         return view
-
-    def split(self, eval_frac: float) -> tuple[CachedActivations, CachedActivations]:
-        """``(train, held_out)``: the last ``eval_frac`` of rows (>= 1 row) are held out."""
-        if not 0.0 < eval_frac < 1.0:
-            raise ValueError(f"eval_frac must lie in (0, 1), got {eval_frac}")
-        return self.split_rows(max(1, round(self.n * eval_frac)))
-
-    def split_rows(self, n_eval: int) -> tuple[CachedActivations, CachedActivations]:
-        """``(train, held_out)``: the last ``n_eval`` rows (the last shards) are held out;
-        the train view's batches never draw them."""
-        if not 0 < n_eval < self.n:
-            raise FormatError(
-                f"cache {self.directory}: cannot hold out {n_eval} of {self.n} rows "
-                "(both train and evaluation sets need at least one row)"
-            )
-        cut = self.stop - n_eval
-        return self._view(self.start, cut), self._view(cut, self.stop)
 
     # ------------------------------------------------------------------ shards
 
