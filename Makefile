@@ -16,12 +16,12 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/hsae demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/ruff check hsae tests
+	$(VENV)/bin/ruff check hsae tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check hsae tests
-	$(VENV)/bin/ruff format --check hsae tests
+	$(VENV)/bin/ruff check hsae tests benchmarks
+	$(VENV)/bin/ruff format --check hsae tests benchmarks
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -101,6 +101,10 @@ class TrainConfig:
     """Steps between checkpoints (0: none)."""
     scale_tokens: int = 65536
     """Tokens used to estimate the input scale s before training."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto: this process's GPU when there is one, else the CPU."""
+    autocast: bool = False
+    """bf16 autocast for the forward pass; parameters and optimiser state stay fp32."""
     deterministic: bool = True
     """Deterministic kernels: a resumed run ends bit-identical to an uninterrupted one."""
     progress: bool = True

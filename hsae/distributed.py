@@ -21,7 +21,23 @@ def init_from_env() -> None:
     """Join the process group that torchrun describes in the environment (NCCL on GPUs,
     gloo on CPU); nothing to do for a plain `hsae train`."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto': this process's GPU (one per rank under torchrun) when there is one."""
+    if name == "auto":
+        name = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU")
+    return device
 
 
 def active() -> bool:

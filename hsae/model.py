@@ -144,8 +144,8 @@ def draw_substitution(has_children: Tensor, rate: float, gen: torch.Generator) -
     """m over one level: each parent with children is substituted with probability r.
 
     One Bernoulli per feature per step, shared by the whole batch (DESIGN section 3)."""
-    draw = torch.rand(has_children.shape, generator=gen, device="cpu").to(has_children.device)
-    return (draw < rate) & has_children
+    draw = torch.rand(has_children.shape, generator=gen, device=gen.device)
+    return (draw.to(has_children.device) < rate) & has_children
 
 
 def perturbed_reconstruction(

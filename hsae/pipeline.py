@@ -210,7 +210,7 @@ def evaluate_model(
 
     def batches():
         for x_raw in source.heldout(n_tokens, 1024, seed):
-            x = x_raw.float() * model.scale
+            x = x_raw.to(model.scale.device).float() * model.scale
             acts = model.encode(x)
             yield x, acts, [model.decode(a, level) for level, a in enumerate(acts)]
 

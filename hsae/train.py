@@ -34,9 +34,10 @@ Stream = Callable[[int], Iterator[Tensor]]
 CHECKPOINT = "checkpoint.safetensors"
 
 
-def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """A generator for one purpose (`stream`) at one step: resumable without RNG state."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 16 + stream)
+def step_generator(seed: int, step: int, stream: int, device: torch.device | str = "cpu"):
+    """A generator for one purpose (`stream`) at one step: resumable without RNG state.
+    It lives on the training device, so its draws need no host-to-device copy."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 16 + stream)
 
 
 def lr_at(step: int, cfg_lr: float, steps: int, warmup_frac: float) -> float:
@@ -76,14 +77,21 @@ class Trainer:
         self.stream = distributed.local_slice(stream)  # this rank's rows of each batch
         self.out_dir = Path(out_dir)
         m, t = cfg.model, cfg.train
-        self.model = HSAE(d_in, m.sizes, m.bandwidth, seed=t.seed)
-        self.hierarchy = Hierarchy(m)
+        self.device = distributed.resolve_device(t.device)
+        self.model = HSAE(d_in, m.sizes, m.bandwidth, seed=t.seed).to(self.device)
+        self.hierarchy = Hierarchy(m, self.device)
         self.controller = SparsityController(
-            len(m.sizes), m.target_l0, t.eta, t.l0_ema_momentum, t.lambda_init, t.lambda_step
+            len(m.sizes),
+            m.target_l0,
+            t.eta,
+            t.l0_ema_momentum,
+            t.lambda_init,
+            t.lambda_step,
+            self.device,
         )
         self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
         self.module: torch.nn.Module = self.model  # wrapped in DDP once initialised
-        self.since_fired = [torch.zeros(n, dtype=torch.long) for n in m.sizes]
+        self.since_fired = [torch.zeros(n, dtype=torch.long, device=self.device) for n in m.sizes]
         self.step = 0
         self.last: LossOutput | None = None  # the latest step's output, for the progress bar
 
@@ -95,7 +103,7 @@ class Trainer:
         if not math.isfinite(scale) or scale <= 0:
             raise ConfigError("cannot estimate the input scale: activations are all zero")
         self.model.scale.fill_(scale)
-        self.model.init_from_data(sample * scale, self.cfg.model.target_l0)
+        self.model.init_from_data(sample.to(self.device) * scale, self.cfg.model.target_l0)
 
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT
@@ -120,6 +128,7 @@ class Trainer:
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path()
         tensors, state = io.load_checkpoint(path)
+        tensors = {name: t.to(self.device) for name, t in tensors.items()}
         if state.get("config") != self._comparable_config() or state.get("d_in") != self.d_in:
             raise ConfigError(
                 f"checkpoint {path} was written with a different configuration or input width; "
@@ -137,7 +146,7 @@ class Trainer:
 
     def _comparable_config(self) -> dict:
         cfg = self.cfg.to_dict()
-        for volatile in ("progress", "checkpoint_every"):
+        for volatile in ("progress", "checkpoint_every", "device"):
             cfg["train"].pop(volatile)
         cfg["model"]["sizes"] = list(cfg["model"]["sizes"])
         return cfg
@@ -163,7 +172,7 @@ class Trainer:
 
     def loss_inputs(self) -> LossInputs:
         m, t = self.cfg.model, self.cfg.train
-        gen = step_generator(t.seed, self.step, stream=1)
+        gen = step_generator(t.seed, self.step, stream=1, device=self.device)
         substitution: list[Tensor | None] = []
         for level in range(len(self.hierarchy.parents)):
             if m.perturb_rate > 0 and m.links == "joint":
@@ -181,10 +190,11 @@ class Trainer:
     def train_step(self, x_raw: Tensor) -> Tensor:
         """One gradient step on a raw batch; returns the loss (detached)."""
         t = self.cfg.train
-        x = x_raw.float() * self.model.scale
+        x = x_raw.to(self.device, non_blocking=True).float() * self.model.scale
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, t.lr, t.steps, t.warmup_frac)
-        out = self.module(x, self.loss_inputs())
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=t.autocast):
+            out = self.module(x, self.loss_inputs())
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
         self.model.project_decoder_grads()
@@ -219,7 +229,9 @@ class Trainer:
         # Some CPU kernels of the sparse constraint loss (index_put with accumulation)
         # are parallel and order-dependent; the deterministic ones cost no measurable time.
         previous = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(self.cfg.train.deterministic)
+        # On GPUs some kernels have no deterministic version: warn there rather than fail.
+        on_cpu = self.device.type == "cpu"
+        torch.use_deterministic_algorithms(self.cfg.train.deterministic, warn_only=not on_cpu)
         try:
             return self._fit(resume)
         finally:
@@ -232,7 +244,8 @@ class Trainer:
         else:
             self.init_fresh()
         if distributed.active():
-            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         start, started_at = self.step, time.perf_counter()
         batches = self.stream(self.step)
         bar = tqdm(

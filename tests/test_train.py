@@ -415,3 +415,24 @@ def test_hierarchy_updates_at_multiples_but_not_after_the_last_step(tmp_path, mo
     trainer = Trainer(cfg, source.d, source.stream(cfg.train.batch_size, 0), tmp_path)
     trainer.fit()
     assert seen == ([20, 40] if links == "joint" else [60])
+
+
+def test_bf16_autocast_trains_like_fp32(tmp_path):
+    """The autocast path (bf16 forward, fp32 parameters) runs on the CPU as on GPUs: the
+    parameters stay fp32 and training ends where the fp32 run ends, up to bf16 noise."""
+    runs = {}
+    for autocast in (False, True):
+        cfg = tiny_cfg(200, train={"autocast": autocast})
+        runs[autocast] = pipeline.train(cfg, tiny_source(), tmp_path / str(autocast))
+    assert all(p.dtype == torch.float32 for p in runs[True].model.parameters())
+    fp32, bf16 = (runs[a].summary["l0_ema"] for a in (False, True))
+    assert fp32 != bf16  # the bf16 path really ran
+    assert all(abs(a - b) < 0.1 * a for a, b in zip(fp32, bf16)), (fp32, bf16)
+
+
+def test_unknown_device_is_a_clear_error(tmp_path):
+    cfg = tiny_cfg(10, train={"device": "cuda:7"})
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(ValueError, match="no CUDA GPU|invalid"):
+        pipeline.train(cfg, tiny_source(), tmp_path)
