@@ -55,6 +55,14 @@ we follow, not an installed SAE Lens."""
 LEVEL_KEYS = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 
 
+def one_line(problem: BaseException | str) -> str:
+    """An exception's message (or any text) folded onto one line, at most 300 characters."""
+    text = " ".join(str(problem).split())
+    if not text and isinstance(problem, BaseException):
+        text = type(problem).__name__
+    return text[:300]
+
+
 class FormatError(ValueError):
     """A file is missing, truncated, corrupt or inconsistent; the message is one line."""
 

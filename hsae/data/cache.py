@@ -60,7 +60,7 @@ from torch import Tensor
 
 from hsae import io
 from hsae.data.activations import HeldOutSplit
-from hsae.io import FormatError
+from hsae.io import FormatError, one_line
 
 CACHE_FORMAT = "hsae-cache/1"
 MANIFEST = "manifest.json"
@@ -81,10 +81,6 @@ _HASH_CHUNK = 1 << 22
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 def _is_int(value: Any) -> bool:
@@ -182,7 +178,7 @@ class CacheWriter:
             )
             more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
             raise FormatError(
-                _one_line(
+                one_line(
                     f"cache {self.directory} was written with other settings ({shown}{more}); "
                     "use the same settings to resume, or another directory"
                 )
@@ -328,7 +324,7 @@ def _check_manifest(path: Path, manifest: dict) -> dict:
     """Field types and consistency of a manifest; FormatError (one line, naming ``path``)."""
 
     def bad(problem: str) -> FormatError:
-        return FormatError(_one_line(f"{path}: {problem}"))
+        return FormatError(one_line(f"{path}: {problem}"))
 
     if manifest.get("format") != CACHE_FORMAT:
         raise bad(f"format is {manifest.get('format')!r}, expected {CACHE_FORMAT!r}")

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from hsae.io import FormatError
+from hsae.io import FormatError, one_line
 
 DTYPES = {
     "float32": torch.float32,
@@ -127,7 +127,7 @@ def load_lm(
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local)
         model = model.to(device).eval().requires_grad_(False)
     except Exception as exc:
-        raise FormatError(f"cannot load model {source}: {_one_line(exc)}") from None
+        raise FormatError(f"cannot load model {source}: {one_line(exc)}") from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return LoadedLM(
         model=model,
@@ -155,10 +155,6 @@ def _max_len(config, tokenizer) -> int:
     limits = [getattr(config, "max_position_embeddings", None), tokenizer.model_max_length]
     limits = [int(x) for x in limits if isinstance(x, (int, float)) and 0 < x < _NO_LIMIT]
     return min(limits) if limits else _NO_LIMIT
-
-
-def _one_line(exc: BaseException) -> str:
-    return (" ".join(str(exc).split()) or type(exc).__name__)[:300]
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
-from hsae.io import FormatError
+from hsae.io import FormatError, one_line
 
 MINIPILE = "hf:JeanKaddour/minipile"
 """The documented default text source for real runs (the paper's corpus)."""
@@ -63,11 +63,6 @@ _SKIP_MODULES = frozenset(
     }
 )
 _TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,7 +226,7 @@ def _open_text(file: Path):
     try:
         return open(file, encoding="utf-8", errors="replace")  # noqa: SIM115
     except OSError as exc:
-        raise FormatError(f"{file}: cannot read: {_one_line(exc)}") from None
+        raise FormatError(f"{file}: cannot read: {one_line(exc)}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,7 +246,7 @@ def hf_texts(
 
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:
-        raise FormatError(f"cannot load dataset {name}: {_one_line(exc)}") from None
+        raise FormatError(f"cannot load dataset {name}: {one_line(exc)}") from None
     return _iter_records(dataset, name, field)
 
 
@@ -263,7 +258,7 @@ def _iter_records(dataset, name: str, field: str) -> Iterator[str]:
         except StopIteration:
             return
         except Exception as exc:
-            raise FormatError(f"cannot read dataset {name}: {_one_line(exc)}") from None
+            raise FormatError(f"cannot read dataset {name}: {one_line(exc)}") from None
         if field not in record:
             raise FormatError(f"dataset {name}: no field {field!r} (has {sorted(record)})")
         value = record[field]
