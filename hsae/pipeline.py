@@ -15,7 +15,7 @@ from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
 from hsae.data.activations import NpyActivations
 from hsae.data.cache import MANIFEST, CachedActivations, CacheWriter
-from hsae.data.extract import extract, load_lm, skip_texts
+from hsae.data.extract import check_layer, extract, load_lm, skip_texts
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
 from hsae.data.streams import Stream, npy_stream, planted_heldout, planted_stream
 from hsae.data.text import text_source
@@ -120,6 +120,8 @@ def resolve_model(name: str) -> str:
 def cache_activations(req: CacheRequest, progress: bool = True) -> CachedActivations:
     """Extract activations into a sharded cache; a rerun resumes where the last one stopped."""
     lm = load_lm(resolve_model(req.model), dtype=req.dtype)
+    check_layer(lm, req.layer)  # bad input fails before anything is written
+    texts = text_source(req.text)
     meta = {
         "model": req.model,
         "layer": req.layer,
@@ -129,7 +131,7 @@ def cache_activations(req: CacheRequest, progress: bool = True) -> CachedActivat
     }
     writer = CacheWriter(req.out, meta, shard_tokens=req.shard_tokens, dtype=req.dtype)
     if not writer.complete:
-        texts = skip_texts(text_source(req.text), writer.texts_done)
+        texts = skip_texts(texts, writer.texts_done)
         batches = extract(lm, texts, req.layer, req.context_len, req.batch_size, progress)
         for batch in batches:
             if writer.n_tokens >= req.max_tokens:

@@ -43,3 +43,15 @@ def test_cache_train_eval_splice(tmp_path, capsys, monkeypatch, one_thread):
     row = next(line for line in out.splitlines() if line.startswith("loss recovered"))
     values = [float(v) for v in row.split()[-2:]]
     assert len(values) == 2 and all(v == v for v in values)  # one finite number per level
+
+
+@pytest.mark.parametrize(
+    "bad", [["--cache.layer", "9"], ["--cache.layer", "1", "--cache.text", "/no/such.txt"]]
+)
+def test_bad_cache_request_writes_nothing(tmp_path, capsys, monkeypatch, bad):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "cache"
+    assert main(["cache", *bad, "--cache.out", str(out), *CACHE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hsae: error:") and len(err.splitlines()) == 1
+    assert not out.exists()
