@@ -119,9 +119,9 @@ def resolve_model(name: str) -> str:
 
 def cache_activations(req: CacheRequest, progress: bool = True) -> CachedActivations:
     """Extract activations into a sharded cache; a rerun resumes where the last one stopped."""
+    texts = text_source(req.text)  # bad input fails before anything is written
     lm = load_lm(resolve_model(req.model), dtype=req.dtype)
-    check_layer(lm, req.layer)  # bad input fails before anything is written
-    texts = text_source(req.text)
+    check_layer(lm, req.layer)
     meta = {
         "model": req.model,
         "layer": req.layer,

@@ -111,6 +111,8 @@ def load_lm(
     """
     import transformers
 
+    # Our own bar counts tokens; a second one for loading weights only clutters stderr.
+    transformers.utils.logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise FormatError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     source = str(name_or_path)
