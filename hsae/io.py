@@ -588,21 +588,3 @@ def load_checkpoint(path: PathLike) -> tuple[dict[str, Tensor], dict]:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise _fail(path, f"checkpoint format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
     return tensors, state
-
-
-def rng_tensors(prefix: str, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-    """``{prefix: state}`` of a generator (None: torch's global CPU RNG) as a uint8 tensor.
-
-    RNG states are plain byte tensors, so they go into a checkpoint without pickle.
-    """
-    state = torch.get_rng_state() if generator is None else generator.get_state()
-    return {prefix: state.clone()}
-
-
-def restore_rng(state: Tensor, generator: torch.Generator | None = None) -> None:
-    """Inverse of :func:`rng_tensors` for one entry."""
-    state = state.to("cpu", torch.uint8)
-    if generator is None:
-        torch.set_rng_state(state)
-    else:
-        generator.set_state(state)

@@ -350,27 +350,21 @@ def test_bad_json(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def test_checkpoint_round_trip_with_rng(tmp_path: Path) -> None:
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.safetensors"
-    gen = torch.Generator().manual_seed(7)
     weight = torch.randn(5, 3)
     tensors = {
         "w": weight,
         "w_t": weight.t(),  # non-contiguous view sharing storage
         "lam": torch.tensor([1e-3, 2e-3], dtype=torch.float64),
-        **hio.rng_tensors("rng.sampler", gen),
     }
     state = {"step": 42, "config": RunConfig().to_dict(), "lambda": [0.1, 0.2]}
     hio.save_checkpoint(path, tensors, state)
-    expected_next = torch.rand(4, generator=gen)
 
     loaded, loaded_state = hio.load_checkpoint(path)
     assert loaded_state == {**json.loads(json.dumps(state)), "format": "hsae-checkpoint/1"}
     assert torch.equal(loaded["w"], weight) and torch.equal(loaded["w_t"], weight.t())
     assert loaded["lam"].dtype == torch.float64
-    fresh = torch.Generator()
-    hio.restore_rng(loaded["rng.sampler"], fresh)
-    assert torch.equal(torch.rand(4, generator=fresh), expected_next)
 
 
 def test_checkpoint_without_state(tmp_path: Path) -> None:

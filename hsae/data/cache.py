@@ -556,11 +556,6 @@ class CachedActivations(HeldOutSplit):
         self._check_finite(acts, index, 0)
         return acts
 
-    def verify(self) -> None:
-        """Check the checksum of every shard now (otherwise each is checked on first load)."""
-        for index in range(self.n_shards):
-            self._load_raw(index)
-
     def _check_finite(self, rows: Tensor, shard: int, first_local_row: int) -> None:
         finite = torch.isfinite(rows).all(dim=1)
         if not bool(finite.all()):
