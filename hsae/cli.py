@@ -13,10 +13,11 @@ import sys
 import typing
 from pathlib import Path
 
-from hsae import distributed, pipeline
+from hsae import distributed, io, pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, describe_type
 from hsae.data.planted import PlantedConfig
 from hsae.io import FormatError, atomic_write_json, load_json
+from hsae.posthoc import build_posthoc
 
 SECTIONS = {"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig}
 
@@ -150,6 +151,21 @@ def cmd_cache(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_posthoc(args: argparse.Namespace) -> None:
+    model, parents = build_posthoc(args.sae_dirs, args.similarity, args.tree,
+                                   args.unassigned_quantile)  # fmt: skip
+    config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in args.sae_dirs],
+                          "similarity": args.similarity, "tree": args.tree,
+                          "unassigned_quantile": args.unassigned_quantile}}  # fmt: skip
+    io.save_trained(args.out, pipeline.level_weights(model), parents, 1.0, config, {})
+    linked = [int((p >= 0).sum()) for p in parents]
+    print(
+        f"post-hoc forest over {len(args.sae_dirs)} SAEs (sizes {list(model.sizes)}): "
+        f"{linked} linked children per level pair; written to {args.out}; "
+        f"measure it with: hsae eval {args.out} --data ACTIVATIONS"
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from hsae.demo import run_demo
 
@@ -224,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(cache, "cache", pipeline.CacheRequest)
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    post = sub.add_parser("posthoc", help="link existing SAE Lens SAEs into a post-hoc forest")
+    post.add_argument("sae_dirs", nargs="+", help="SAE Lens directories, smallest first")
+    post.add_argument("--out", required=True, help="where to write the forest (HSAE format)")
+    post.add_argument("--similarity", default="encoder", choices=["encoder", "decoder"])
+    post.add_argument("--tree", default="partial", choices=["partial", "full", "binary"])
+    post.add_argument("--unassigned-quantile", type=float, default=0.2)
+
     ev = sub.add_parser("eval", help="measures of a trained HSAE on held-out activations")
     ev.add_argument("model_dir", help="trained directory (or a run directory with model/)")
     ev.add_argument("--data", default=None, help="'planted' or a .npy file; default: training data")
@@ -241,7 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "cache": cmd_cache}
+COMMANDS = {
+    "demo": cmd_demo,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "cache": cmd_cache,
+    "posthoc": cmd_posthoc,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

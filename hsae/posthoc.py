@@ -1,0 +1,74 @@
+"""Post-hoc forests over SAEs a user already has (`hsae posthoc`).
+
+The paper's baseline links independently trained SAEs after the fact with the same rule
+HSAE uses during training (section 4.2). This module does that for any SAE Lens
+directories of growing size, so existing SAEs can be compared with an HSAE on the same
+measures (`hsae eval`).
+
+SAE Lens encodes h = (x - b_dec) W_enc + b_enc when `apply_b_dec_to_input` is true and
+h = x W_enc + b_enc otherwise; JumpReLU SAEs return relu(h) * (h > threshold), standard
+SAEs relu(h). Both are HSAE levels on raw activations (scale 1): without the b_dec
+subtraction, b_enc absorbs b_dec W_enc; a standard SAE has threshold 0; a negative
+threshold acts as 0 behind the relu.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hsae import io
+from hsae.config import HSAEConfig
+from hsae.hierarchy import Hierarchy
+from hsae.io import FormatError, LevelWeights
+from hsae.model import HSAE
+
+ARCHITECTURES = ("jumprelu", "standard")
+
+
+def read_sae_lens(directory: str | Path) -> LevelWeights:
+    """One SAE Lens directory (cfg.json + sae_weights.safetensors) as an HSAE level."""
+    directory = Path(directory)
+    cfg = io.load_json(directory / "cfg.json")
+    weights = io.load_safetensors(directory / "sae_weights.safetensors")
+    arch = cfg.get("architecture", "standard")
+    if arch not in ARCHITECTURES:
+        raise FormatError(f"{directory}: architecture {arch!r} is not one of {ARCHITECTURES}")
+    if cfg.get("normalize_activations", "none") != "none":
+        raise FormatError(f"{directory}: normalize_activations must be 'none' to import")
+    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(weights)
+    if missing:
+        raise FormatError(f"{directory}: sae_weights.safetensors lacks {sorted(missing)}")
+    w = {name: weights[name].float() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    if not cfg.get("apply_b_dec_to_input", True):
+        w["b_enc"] = w["b_enc"] + w["b_dec"] @ w["W_enc"]
+    threshold = weights.get("threshold", torch.zeros_like(w["b_enc"])).float().clamp(min=0)
+    return LevelWeights(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold)
+
+
+def build_posthoc(
+    directories: list[str],
+    similarity: str = "encoder",
+    tree: str = "partial",
+    unassigned_quantile: float = 0.2,
+) -> tuple[HSAE, list[torch.Tensor]]:
+    """The SAEs as the levels of one model (scale 1) and the post-hoc parent arrays."""
+    levels = [read_sae_lens(d) for d in directories]
+    sizes = tuple(int(level.W_enc.shape[1]) for level in levels)
+    widths = {int(level.W_enc.shape[0]) for level in levels}
+    if len(widths) != 1:
+        raise FormatError(f"the SAEs read activations of different widths: {sorted(widths)}")
+    if similarity not in ("encoder", "decoder"):
+        raise FormatError("posthoc links use encoder or decoder similarity (no activations)")
+    cfg = HSAEConfig(sizes=sizes, target_l0=1, similarity=similarity, tree=tree,
+                     unassigned_quantile=unassigned_quantile)  # fmt: skip
+    cfg.validate()  # increasing sizes, a valid tree and quantile
+    model = HSAE(widths.pop(), sizes, cfg.bandwidth)
+    with torch.no_grad():
+        for index, level in enumerate(levels):
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
+                getattr(model, name)[index].copy_(getattr(level, name))
+    hierarchy = Hierarchy(cfg)
+    hierarchy.update(model)
+    return model, hierarchy.parents
