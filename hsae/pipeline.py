@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,21 +235,22 @@ def splice_report(model: HSAE, header: dict, n_texts: int, batch_size: int = 8) 
         raise ConfigError("--splice needs a model trained on an `hsae cache` directory")
     cache = CachedActivations(data["path"])
     meta = cache.meta
-    lm = load_lm(resolve_model(meta["model"]))
     done = cache.manifest["texts_done"]
-    texts = skip_texts(text_source(meta["text"]), done)
-    if next(iter(skip_texts(text_source(meta["text"]), done)), None) is None:
+    unseen = skip_texts(text_source(meta["text"]), done)
+    first = next(unseen, None)  # one pass over the source: skipping can cost minutes
+    if first is None:
         raise ConfigError(
             f"the cache used every text of {meta['text']!r} ({done}); cache fewer tokens "
             "(--cache.max_tokens) to keep unseen texts for --splice"
         )
+    lm = load_lm(resolve_model(meta["model"]))
     return splice_eval(
         lm.model,
         lm.tokenizer,
         lm.kind,
         meta["layer"],
         model,
-        texts,
+        itertools.chain([first], unseen),
         context_len=meta["context_len"],
         batch_size=batch_size,
         max_texts=n_texts,
