@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import typing
 from pathlib import Path
@@ -261,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss recovered per level on N held-out texts (models trained on a cache)",
     )
     add_dataclass_flags(ev, "planted", PlantedConfig)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
+
+
+# Commands that live beside what they run: each module's register(sub) adds its parser and
+# sets `run` (a function of the parsed args) as the parser's default.
+COMMAND_MODULES: list[str] = []
 
 
 COMMANDS = {
@@ -276,7 +284,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        run = COMMANDS.get(args.command) or args.run
+        run(args)
     except (ConfigError, FormatError, FloatingPointError, ValueError, TypeError) as err:
         print(f"hsae: error: {err}", file=sys.stderr)
         return 2
