@@ -14,6 +14,7 @@ Similarity = Literal["encoder", "decoder", "coactivation"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Links = Literal["joint", "posthoc"]
 DeadLatents = Literal["ghost_grads", "none"]
+Kernel = Literal["live", "dense"]
 
 
 class ConfigError(ValueError):
@@ -107,6 +108,9 @@ class TrainConfig:
     """bf16 autocast for the forward pass; parameters and optimiser state stay fp32."""
     deterministic: bool = True
     """Deterministic kernels: a resumed run ends bit-identical to an uninterrupted one."""
+    kernel: Kernel = "live"
+    """live: compute the loss over live entries only (hsae/sparse.py, fast); dense: exactly
+    as the formulas read (the reference, several times slower)."""
     progress: bool = True
 
     def validate(self) -> None:

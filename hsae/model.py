@@ -18,6 +18,7 @@ substituted by its children with probability r (one draw per feature per step).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,8 @@ class JumpReLU(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         grad_pre = grad * (pre > theta)
         kernel = rectangle((pre - theta) / ctx.eps)
-        grad_theta = -(theta / ctx.eps) * (kernel * grad).sum(0)
+        # theta is per feature [n] against a batch [B, n], or per entry like pre
+        grad_theta = (-(theta / ctx.eps) * kernel * grad).sum_to_size(theta.shape)
         return grad_pre, grad_theta, None
 
 
@@ -62,7 +64,7 @@ class Step(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         pre, theta = ctx.saved_tensors
         kernel = rectangle((pre - theta) / ctx.eps)
-        grad_theta = -(1.0 / ctx.eps) * (kernel * grad).sum(0)
+        grad_theta = (-(1.0 / ctx.eps) * kernel * grad).sum_to_size(theta.shape)
         return torch.zeros_like(pre), grad_theta, None
 
 
@@ -232,18 +234,14 @@ def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent
 # ---------------------------------------------------------------- dead latents
 
 
-def ghost_grad_loss(
-    pre: Tensor, residual: Tensor, dec: Tensor, dead: Tensor, mse: Tensor
-) -> Tensor:
-    """Ghost grads (Jermyn & Templeton, 2024) for the dead features of one level.
+def ghost_grad_loss(pre: Tensor, residual: Tensor, dec: Tensor, mse: Tensor) -> Tensor:
+    """Ghost grads (Jermyn & Templeton, 2024) for the dead features of one level, given
+    their pre-activations ``pre`` [B, n_dead] and decoder rows ``dec`` [n_dead, d].
 
     Dead features decode exp(pi) rescaled to half the residual's norm; the MSE to the
     residual is rescaled to the level's own MSE, so it pulls dead encoders toward what the
     live ones miss without changing the loss scale."""
-    idx = dead.nonzero().squeeze(1)
-    if idx.numel() == 0:
-        return pre.new_zeros(())
-    ghost = pre[:, idx].clamp(max=20.0).exp() @ dec[idx]
+    ghost = pre.clamp(max=20.0).exp() @ dec
     residual = residual.detach()
     ratio = residual.norm(dim=-1, keepdim=True) / (2 * ghost.norm(dim=-1, keepdim=True) + 1e-8)
     ghost_mse = (ghost * ratio.detach() - residual).pow(2).sum(-1)
@@ -264,6 +262,11 @@ class LossInputs:
     substitution: list[Tensor | None]
     """m per level l < L-1 (None: no perturbation this step)."""
     dead: list[Tensor] | None = None
+    dense: bool = False
+    """Compute densely, exactly as the formulas read (hsae_loss_dense), not over live
+    entries (hsae.sparse): the reference the fast path is tested against."""
+    capacity: list[int] | None = None
+    """Live entries per level on a GPU (fixed sizes keep the step free of host syncs)."""
 
 
 @dataclass
@@ -275,10 +278,24 @@ class LossOutput:
     """[L] fraction of variance explained by the unperturbed reconstruction (detached)."""
     mse: Tensor
     pc: Tensor
-    acts: list[Tensor]
+    fired: list[Tensor]
+    """[n_l] bool per level: fired on at least one token of the batch."""
+    dense_acts: Callable[[], list[Tensor]]
+    """The [B, n_l] activations of every level (detached), built on demand."""
+    dropped: Tensor | None = None
+    """Live entries beyond the GPU capacity this step (counted on the device)."""
 
 
 def hsae_loss(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
+    """L_HSAE on one batch, over live entries (hsae.sparse) unless ``inp.dense``."""
+    if inp.dense:
+        return hsae_loss_dense(model, x, inp)
+    from hsae.sparse import hsae_loss_live  # builds on this module
+
+    return hsae_loss_live(model, x, inp)
+
+
+def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
     """L_HSAE on one batch: the sum of the per-level SAE losses and rho * the PC losses."""
     pres = [model.pre_acts(x, level) for level in range(model.n_levels)]
     acts = [model.activate(pre, level) for level, pre in enumerate(pres)]
@@ -296,9 +313,9 @@ def hsae_loss(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
         mse = (recon - x).pow(2).sum(-1)
         l0_ste = Step.apply(pre, model.threshold[level], model.bandwidth).sum(-1).mean()
         total = total + mse.mean() + inp.lambdas[level] * l0_ste
-        if inp.dead is not None:
-            dead = inp.dead[level]
-            total = total + ghost_grad_loss(pre, x - recon, model.W_dec[level], dead, mse)
+        if inp.dead is not None and bool(inp.dead[level].any()):
+            idx = inp.dead[level].nonzero().squeeze(1)
+            total = total + ghost_grad_loss(pre[:, idx], x - recon, model.W_dec[level][idx], mse)
         l0s.append(l0_ste.detach())
         mses.append(mse.mean().detach())
     for level, parent in enumerate(inp.parents):
@@ -309,4 +326,8 @@ def hsae_loss(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
-    return LossOutput(total, torch.stack(l0s), torch.stack(fves), torch.stack(mses), pc_sum, acts)
+    return LossOutput(
+        total, torch.stack(l0s), torch.stack(fves), torch.stack(mses), pc_sum,
+        fired=[(a > 0).any(0) for a in acts],
+        dense_acts=lambda: [a.detach() for a in acts],
+    )  # fmt: skip

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
 from hsae.hierarchy import Hierarchy
 from hsae.model import HSAE, LossInputs, LossOutput, draw_substitution
+from hsae.sparse import capacity_for
 from hsae.sparsity import SparsityController
 
 Stream = Callable[[int], Iterator[Tensor]]
@@ -94,6 +96,11 @@ class Trainer:
         self.since_fired = [torch.zeros(n, dtype=torch.long, device=self.device) for n in m.sizes]
         self.step = 0
         self.last: LossOutput | None = None  # the latest step's output, for the progress bar
+        self.dropped = torch.zeros((), dtype=torch.long, device=self.device)
+        self.live_capacity = None  # the CPU takes exact live sets; a GPU fixed sizes (no sync)
+        if self.device.type == "cuda":
+            rows = math.ceil(t.batch_size / distributed.world_size())
+            self.live_capacity = [capacity_for(rows, n, m.target_l0) for n in m.sizes]
 
     # ------------------------------------------------------------ set-up and checkpoints
 
@@ -184,8 +191,9 @@ class Trainer:
         if t.dead_latents == "ghost_grads":
             dead = [s >= t.dead_after for s in self.since_fired]
         return LossInputs(
-            self.hierarchy.parents, self.controller.lambdas, m.rho, substitution, dead
-        )
+            self.hierarchy.parents, self.controller.lambdas, m.rho, substitution, dead,
+            dense=t.kernel == "dense", capacity=self.live_capacity,
+        )  # fmt: skip
 
     def train_step(self, x_raw: Tensor) -> Tensor:
         """One gradient step on a raw batch; returns the loss (detached)."""
@@ -201,8 +209,11 @@ class Trainer:
         self.opt.step()
         self.model.apply_constraints()
         self.controller.update(distributed.mean(out.l0))
-        self._track_firing(out.acts)
-        self.hierarchy.observe(out.acts)  # co-activation EMA, when that is the similarity
+        self._track_firing(out.fired)
+        if self.hierarchy.coact is not None:  # co-activation similarity: an EMA of co-firing
+            self.hierarchy.observe(out.dense_acts())
+        if out.dropped is not None:
+            self.dropped += out.dropped
         self.step += 1
         if self.links_update_due():
             self.hierarchy.update(self.model)
@@ -218,10 +229,10 @@ class Trainer:
         return m.links == "joint" and self.step % m.update_every == 0 and not last
 
     @torch.no_grad()
-    def _track_firing(self, acts: list[Tensor]) -> None:
-        for level, a in enumerate(acts):
-            fired = distributed.any_((a > 0).any(0))
-            self.since_fired[level] = torch.where(fired, 0, self.since_fired[level] + 1)
+    def _track_firing(self, fired: list[Tensor]) -> None:
+        for level, f in enumerate(fired):
+            f = distributed.any_(f)
+            self.since_fired[level] = torch.where(f, 0, self.since_fired[level] + 1)
 
     # ------------------------------------------------------------ the loop
 
@@ -229,13 +240,18 @@ class Trainer:
         # Some CPU kernels of the sparse constraint loss (index_put with accumulation)
         # are parallel and order-dependent; the deterministic ones cost no measurable time.
         previous = torch.are_deterministic_algorithms_enabled()
+        previous_fill = torch.utils.deterministic.fill_uninitialized_memory
         # On GPUs some kernels have no deterministic version: warn there rather than fail.
         on_cpu = self.device.type == "cpu"
         torch.use_deterministic_algorithms(self.cfg.train.deterministic, warn_only=not on_cpu)
+        # Filling every new buffer with NaN is a debugging aid of deterministic mode; it
+        # changes no result here and cost a fifth of the step.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         try:
             return self._fit(resume)
         finally:
             torch.use_deterministic_algorithms(previous)
+            torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
     def _fit(self, resume: bool) -> TrainResult:
         t = self.cfg.train
@@ -274,6 +290,13 @@ class Trainer:
             raise FloatingPointError(
                 f"loss became {loss.item()} at step {self.step}; lower --train.lr or check the data"
             )
+        if int(self.dropped) > 0:
+            warnings.warn(
+                f"{int(self.dropped)} live entries did not fit the GPU capacity by step "
+                f"{self.step} (their gradients were skipped); L0 is far above target",
+                stacklevel=2,
+            )
+            self.dropped.zero_()
 
     def progress_line(self) -> str:
         out = self.last

@@ -472,20 +472,15 @@ def _ghost_setup():
     return model, x, pre, recon, mse
 
 
-def test_ghost_grad_loss_zero_without_dead_features() -> None:
+@pytest.mark.parametrize("dense", [False, True])
+def test_ghost_grads_add_nothing_without_dead_features(dense: bool) -> None:
     model, x, pre, recon, mse = _ghost_setup()
     dead = torch.zeros(8, dtype=torch.bool)
-    loss = ghost_grad_loss(pre, x - recon, model.W_dec[0], dead, mse)
-    assert loss.item() == 0.0
-    assert not loss.requires_grad
     lambdas = torch.tensor([0.1, 0.1])
     parents = [torch.full((12,), -1)]
-    with_dead = hsae_loss(
-        model,
-        x,
-        LossInputs(parents, lambdas, 0.0, [None], [dead, torch.zeros(12, dtype=torch.bool)]),
-    )
-    without = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None], None))
+    none_dead = [dead, torch.zeros(12, dtype=torch.bool)]
+    with_dead = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None], none_dead, dense))
+    without = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None], None, dense))
     assert with_dead.total.item() == without.total.item()
 
 
@@ -493,7 +488,7 @@ def test_ghost_grad_loss_reaches_only_dead_encoder_columns() -> None:
     model, x, pre, recon, mse = _ghost_setup()
     dead = torch.zeros(8, dtype=torch.bool)
     dead[[1, 4, 6]] = True
-    loss = ghost_grad_loss(pre, x - recon, model.W_dec[0], dead, mse)
+    loss = ghost_grad_loss(pre[:, dead], x - recon, model.W_dec[0][dead], mse)
     # Rescaled to the level's own MSE (Jermyn & Templeton): per token ghost_mse * mse/ghost_mse.
     assert loss.item() == pytest.approx(mse.mean().item(), rel=1e-4)
     loss.backward()
