@@ -4,8 +4,10 @@
 (b) SAE Lens JumpReLU training SAEs of the four sizes, one after another, each through
 SAE Lens's own `training_forward_pass`, backward and an Adam step. Both read the same
 in-memory activations (d = 384 by default, batch 1024, target L0 32, fp32, this CPU's
-default threads). Prints tokens/s of each, their ratio, the share of this machine's
-measured dense matmul rate (dense cost: 12 d sum(n) FLOP per token) and peak RSS.
+default threads) and are timed in alternating rounds, so that a change in the machine's
+load hits both alike. HSAE runs with the kernel settings of `hsae train` (deterministic).
+Prints tokens/s of each, their ratio, the share of this machine's measured dense matmul
+rate (dense cost: 12 d sum(n) FLOP per token) and peak RSS.
 
     python benchmarks/train_speed.py              # about 2 minutes on 2 cores
     python benchmarks/train_speed.py --steps 100  # steadier figures
@@ -20,7 +22,7 @@ import time
 import torch
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.train import Trainer
+from hsae.train import Trainer, kernel_settings
 
 
 def matmul_rate(d: int, n: int, batch: int, repeats: int = 20) -> float:
@@ -33,45 +35,67 @@ def matmul_rate(d: int, n: int, batch: int, repeats: int = 20) -> float:
     return 2 * batch * d * n * repeats / (time.perf_counter() - started)
 
 
-def time_hsae(data: torch.Tensor, sizes: tuple[int, ...], l0: float, steps: int) -> float:
+def hsae_stepper(data: torch.Tensor, sizes: tuple[int, ...], l0: float, kernel: str):
+    """A function running one HSAE training step, after 10 warm-up steps (the first
+    hierarchy update happens there, so links exist)."""
     warmup = 10
     cfg = RunConfig(
         model=HSAEConfig(sizes=sizes, target_l0=l0, update_every=warmup),
-        train=TrainConfig(steps=warmup + steps, batch_size=data.shape[1], checkpoint_every=0,
-                          progress=False, scale_tokens=data.shape[1], device="cpu"),
+        train=TrainConfig(steps=10**6, batch_size=data.shape[1], checkpoint_every=0,
+                          progress=False, scale_tokens=data.shape[1], device="cpu",
+                          kernel=kernel),
     )  # fmt: skip
     trainer = Trainer(cfg, data.shape[2], lambda start: iter(data), "/tmp/hsae_speed")
     trainer.init_fresh()
-    for step in range(warmup):  # the first hierarchy update happens here: links exist
-        trainer.train_step(data[step % len(data)])
-    started = time.perf_counter()
-    for step in range(steps):
-        trainer.train_step(data[step % len(data)])
-    return steps * data.shape[1] / (time.perf_counter() - started)
+
+    def step() -> None:
+        trainer.train_step(data[trainer.step % len(data)])
+
+    for _ in range(warmup):
+        step()
+    return step
 
 
-def time_sae_lens(data: torch.Tensor, sizes: tuple[int, ...], l0: float, steps: int) -> float:
+def sae_lens_stepper(data: torch.Tensor, sizes: tuple[int, ...], l0: float):
+    """A function running one SAE Lens training step on each of the four SAEs."""
     from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    seconds = 0.0
-    for n in sizes:
-        cfg = JumpReLUTrainingSAEConfig(d_in=data.shape[2], d_sae=n, target_l0=l0)
-        sae = JumpReLUTrainingSAE(cfg)
-        opt = torch.optim.Adam(sae.parameters(), lr=5e-4, betas=(0.0, 0.995))
-        for step in range(5 + steps):
-            if step == 5:
-                started = time.perf_counter()
+    configs = [JumpReLUTrainingSAEConfig(d_in=data.shape[2], d_sae=n, target_l0=l0) for n in sizes]
+    saes = [JumpReLUTrainingSAE(cfg) for cfg in configs]
+    opts = [torch.optim.Adam(sae.parameters(), lr=5e-4, betas=(0.0, 0.995)) for sae in saes]
+    count = 0
+
+    def step() -> None:
+        nonlocal count
+        for sae, opt in zip(saes, opts):
             step_input = TrainStepInput(
-                sae_in=data[step % len(data)], coefficients={"l0": 1.0},
-                dead_neuron_mask=None, n_training_steps=step, is_logging_step=False,
+                sae_in=data[count % len(data)], coefficients={"l0": 1.0},
+                dead_neuron_mask=None, n_training_steps=count, is_logging_step=False,
             )  # fmt: skip
             out = sae.training_forward_pass(step_input)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             opt.step()
-        seconds += time.perf_counter() - started
-    return steps * data.shape[1] / seconds  # tokens through all four dictionaries
+        count += 1
+
+    for _ in range(5):
+        step()
+    return step
+
+
+def interleaved_rates(steppers: dict, steps: int, batch: int, rounds: int = 4) -> dict:
+    """tokens/s of each stepper, timed in alternating rounds so that a change in the
+    machine's load hits all of them alike."""
+    seconds = dict.fromkeys(steppers, 0.0)
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            started = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            seconds[name] += time.perf_counter() - started
+    return {name: rounds * per_round * batch / s for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -81,23 +105,32 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--target-l0", type=float, default=32)
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--dense", action="store_true", help="also time HSAE's dense reference kernel (slow)"
+    )
     args = parser.parse_args()
     sizes = tuple(int(n) for n in args.sizes.split(","))
     data = torch.randn(8, args.batch_size, args.d)
     dense_flop = 12 * args.d * sum(sizes)
     peak = matmul_rate(args.d, max(sizes), args.batch_size)
-    hsae = time_hsae(data, sizes, args.target_l0, args.steps)
-    lens = time_sae_lens(data, sizes, args.target_l0, args.steps)
+    names = {"live": "HSAE (all four levels, linked)", "lens": "SAE Lens (four SAEs)",
+             "dense": "HSAE, dense reference kernel"}  # fmt: skip
+    with kernel_settings(deterministic=True, device=torch.device("cpu")):  # as `hsae train`
+        steppers = {"live": hsae_stepper(data, sizes, args.target_l0, "live"),
+                    "lens": sae_lens_stepper(data, sizes, args.target_l0)}  # fmt: skip
+        if args.dense:
+            steppers["dense"] = hsae_stepper(data, sizes, args.target_l0, "dense")
+        rates = interleaved_rates(steppers, args.steps, args.batch_size)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
         f"d {args.d}, levels {list(sizes)}, batch {args.batch_size}, target L0 "
         f"{args.target_l0:g}, {torch.get_num_threads()} threads, {args.steps} timed steps"
     )
     print(f"dense matmul rate of this machine: {peak / 1e9:.1f} GFLOP/s")
-    for name, rate in (("HSAE (all four levels, linked)", hsae), ("SAE Lens (four SAEs)", lens)):
+    for key, rate in rates.items():
         share = rate * dense_flop / peak
-        print(f"{name:32s} {rate:10,.0f} tokens/s  ({share:.1%} of the dense matmul rate)")
-    print(f"HSAE / SAE Lens: {hsae / lens:.2f}x; peak RSS {rss:,.0f} MiB")
+        print(f"{names[key]:32s} {rate:10,.0f} tokens/s  ({share:.1%} of the dense matmul rate)")
+    print(f"HSAE / SAE Lens: {rates['live'] / rates['lens']:.2f}x; peak RSS {rss:,.0f} MiB")
 
 
 if __name__ == "__main__":

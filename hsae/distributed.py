@@ -5,12 +5,19 @@ collectives that keep every rank's state identical to a one-process run with the
 global batch: the L0 that the sparsity controller sees, which features fired, the
 co-activation statistics and the initialisation sample. Outside torchrun (or with one
 process) every function here is a no-op, so the single-process code path is unchanged.
+
+Data: rank r of N trains on rows [r B/N, (r + 1) B/N) of every global batch of B rows.
+A stream that can read just those rows (a :class:`PerRankStream`: an activation cache,
+which then opens only the shards that part needs, or a .npy file) is asked for them;
+any other stream (the planted forest, drawn rather than read) yields the whole global
+batch and each rank keeps its slice.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -88,18 +95,43 @@ def gather_rows(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def local_slice(stream: Callable[[int], Iterator[Tensor]]) -> Callable[[int], Iterator[Tensor]]:
+Stream = Callable[[int], Iterator[Tensor]]
+"""stream(start_step) yields the raw batch of every step from start_step on."""
+
+
+@dataclass(frozen=True)
+class PerRankStream:
+    """A stream of global batches of ``batch_size`` rows that can also read one rank's
+    part alone: ``part(start_step, rank, world)`` yields rows ``[rank b, (rank + 1) b)``
+    of every batch (``b = batch_size / world``), reading only what they need."""
+
+    batch_size: int
+    part: Callable[[int, int, int], Iterator[Tensor]]
+
+    def __call__(self, start_step: int) -> Iterator[Tensor]:
+        return self.part(start_step, 0, 1)
+
+
+def check_divisible(batch_size: int, world: int) -> None:
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+
+
+def local_slice(stream: Stream) -> Stream:
     """This rank's share of each global batch: rows [r*b, (r+1)*b) of batch k.
 
-    Together the ranks see exactly the global batch of a one-process run."""
+    Together the ranks see exactly the global batch of a one-process run. A
+    :class:`PerRankStream` reads only this rank's rows; any other stream is read whole."""
     if not active():
         return stream
     r, n = rank(), world_size()
+    if isinstance(stream, PerRankStream):
+        check_divisible(stream.batch_size, n)
+        return lambda start_step: stream.part(start_step, r, n)
 
     def sliced(start_step: int) -> Iterator[Tensor]:
         for x in stream(start_step):
-            if x.shape[0] % n:
-                raise ValueError(f"batch size {x.shape[0]} is not divisible by {n} processes")
+            check_divisible(x.shape[0], n)
             share = x.shape[0] // n
             yield x[r * share : (r + 1) * share]
 

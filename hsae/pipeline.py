@@ -18,7 +18,7 @@ from hsae.data.activations import NpyActivations
 from hsae.data.cache import MANIFEST, CachedActivations, CacheWriter
 from hsae.data.extract import check_layer, extract, load_lm, skip_texts
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
-from hsae.data.streams import Stream, npy_stream, planted_heldout, planted_stream
+from hsae.data.streams import Stream, cache_stream, npy_stream, planted_heldout, planted_stream
 from hsae.data.text import text_source
 from hsae.metrics import evaluate
 from hsae.model import HSAE
@@ -45,8 +45,7 @@ class Source:
         if self.forest is not None:
             return planted_stream(self.forest, batch_size, seed)
         if isinstance(self.train_rows, CachedActivations):
-            rows, buffer = self.train_rows, self.buffer_tokens
-            return lambda start: rows.batches(batch_size, seed, start, buffer_tokens=buffer)
+            return cache_stream(self.train_rows, batch_size, seed, self.buffer_tokens)
         return npy_stream(self.train_rows, batch_size, seed)
 
     def heldout(self, n_tokens: int, batch_size: int, seed: int) -> Iterator[Tensor]:
@@ -148,8 +147,8 @@ def cache_activations(req: CacheRequest, progress: bool = True) -> CachedActivat
 def train(cfg: RunConfig, source: Source, out_dir: str | Path, resume: bool = False) -> TrainResult:
     """Train (or resume) in out_dir, then write the trained directory out_dir/model.
 
-    Under torchrun every process runs this; each takes its share of every batch and
-    rank 0 alone writes."""
+    Under torchrun every process runs this; each reads its share of every batch (only the
+    cache shards or .npy rows of that share) and rank 0 alone writes."""
     distributed.init_from_env()
     stream = source.stream(cfg.train.batch_size, cfg.train.seed)
     trainer = Trainer(cfg, source.d, stream, out_dir)

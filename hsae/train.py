@@ -12,6 +12,7 @@ resumed from a checkpoint replays exactly the steps that an uninterrupted run ta
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -68,6 +69,26 @@ class TrainResult:
     model: HSAE
     hierarchy: Hierarchy
     summary: dict
+
+
+@contextlib.contextmanager
+def kernel_settings(deterministic: bool, device: torch.device) -> Iterator[None]:
+    """The kernel choices of a training run, restored afterwards.
+
+    Some CPU kernels of the live-entry loss (index_add and the like) are parallel and
+    order-dependent; their deterministic versions cost no measurable time. On GPUs some
+    kernels have no deterministic version: warn there rather than fail. Filling every new
+    buffer with NaN is a debugging aid of deterministic mode that changes no result here
+    and cost a fifth of the step."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(deterministic, warn_only=device.type != "cpu")
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
 
 class Trainer:
@@ -237,21 +258,8 @@ class Trainer:
     # ------------------------------------------------------------ the loop
 
     def fit(self, resume: bool = False) -> TrainResult:
-        # Some CPU kernels of the sparse constraint loss (index_put with accumulation)
-        # are parallel and order-dependent; the deterministic ones cost no measurable time.
-        previous = torch.are_deterministic_algorithms_enabled()
-        previous_fill = torch.utils.deterministic.fill_uninitialized_memory
-        # On GPUs some kernels have no deterministic version: warn there rather than fail.
-        on_cpu = self.device.type == "cpu"
-        torch.use_deterministic_algorithms(self.cfg.train.deterministic, warn_only=not on_cpu)
-        # Filling every new buffer with NaN is a debugging aid of deterministic mode; it
-        # changes no result here and cost a fifth of the step.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-        try:
+        with kernel_settings(self.cfg.train.deterministic, self.device):
             return self._fit(resume)
-        finally:
-            torch.use_deterministic_algorithms(previous)
-            torch.utils.deterministic.fill_uninitialized_memory = previous_fill
 
     def _fit(self, resume: bool) -> TrainResult:
         t = self.cfg.train

@@ -54,6 +54,16 @@ def ids_of(batch: torch.Tensor) -> np.ndarray:
     return batch[:, 0].long().numpy()
 
 
+def assert_each_row_once_per_epoch(batches: list[np.ndarray], n: int) -> None:
+    """Every prefix of whole batches, P rows long, holds every one of the n rows
+    floor(P / n) or ceil(P / n) times: no row comes back before all others have come."""
+    counts = np.zeros(n, dtype=np.int64)
+    for ids in batches:
+        np.add.at(counts, ids, 1)
+        assert counts.max() - counts.min() <= 1
+    assert counts.sum() >= 2 * n  # the check spans an epoch boundary
+
+
 # ------------------------------------------------------------------ round trip
 
 
@@ -93,9 +103,9 @@ def test_held_out_split_and_sequential(tmp_path):
     train, held = cache.split_rows(30)
     assert (train.n, held.n) == (70, 30)
     assert ids_of(torch.cat(list(held.sequential(8)))).tolist() == list(range(70, 100))
-    seen = np.concatenate([ids_of(b) for b in _take(train.batches(9, 4, buffer_tokens=40), 16)])
-    assert seen.max() < 70  # the held-out rows are never trained on
-    assert sorted(seen[:70].tolist()) == list(range(70))
+    seen = [ids_of(b) for b in _take(train.batches(9, 4, buffer_tokens=40), 16)]
+    assert max(ids.max() for ids in seen) < 70  # the held-out rows are never trained on
+    assert_each_row_once_per_epoch(seen, 70)
     with pytest.raises(FormatError):
         cache.split_rows(100)
 
@@ -251,12 +261,12 @@ def test_batches_deterministic_each_row_once_per_epoch(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert all(b.shape == (batch, 3) for b in first)
 
-    order = np.concatenate([ids_of(b) for b in first])
-    epochs = [order[e * 200 : (e + 1) * 200] for e in range(3)]
-    for epoch in epochs:
-        assert sorted(epoch.tolist()) == list(range(200))
-    assert not np.array_equal(epochs[0], np.arange(200))  # shuffled
-    assert not np.array_equal(epochs[0], epochs[1])  # and differently each epoch
+    ids = [ids_of(b) for b in first]
+    assert_each_row_once_per_epoch(ids, 200)
+    epoch_0, epoch_1 = np.concatenate(ids[:8]), np.concatenate(ids[9:16])  # whole batches
+    assert not np.array_equal(np.sort(epoch_0), epoch_0)  # shuffled
+    assert not np.array_equal(epoch_0[: len(epoch_1)], epoch_1)  # and differently each epoch
+    order = np.concatenate(ids)
     other_seed = np.concatenate([ids_of(b) for b in _take(cache.batches(batch, 8, 0, buffer), 9)])
     assert not np.array_equal(other_seed, order[: len(other_seed)])
     assert np.array_equal(
@@ -273,6 +283,24 @@ def test_start_step_equals_the_kth_batch(tmp_path):
         assert torch.equal(next(resumed), fresh[k + 1])
 
 
+def _watch_loads(cache: CachedActivations) -> list[tuple[int, int, int]]:
+    """Record every shard the reader loads from disk (`_load_raw`, one whole shard at a
+    time) as (shard, rows, rows of earlier loads still alive at that moment)."""
+    loads: list[tuple[int, int, int]] = []
+    alive: list = []
+    original = cache._load_raw
+
+    def load_raw(index):
+        live = sum(rows for ref, rows in alive if ref() is not None)
+        data = original(index)
+        loads.append((index, data.shape[0], live))
+        alive.append((weakref.ref(data), data.shape[0]))
+        return data
+
+    cache._load_raw = load_raw
+    return loads
+
+
 def test_memory_is_bounded_by_the_buffer(tmp_path):
     """Windows group whole shards up to the buffer size, and only one is alive at a time."""
     cache = id_cache(tmp_path / "c", 400, shard_tokens=20)
@@ -280,30 +308,90 @@ def test_memory_is_bounded_by_the_buffer(tmp_path):
     buffer = 70
     assert max(shard_rows) <= buffer < sum(shard_rows) / 4
 
-    loaded, alive = [], []
-    original = cache._load_window
-
-    def load_window(pieces):
-        assert all(ref() is None for ref in alive), "a second window was loaded while one lived"
-        window = original(pieces)
-        loaded.append(window.rows)
-        alive.append(weakref.ref(window.data))
-        return window
-
-    cache._load_window = load_window
-    seen = np.concatenate([ids_of(b) for b in _take(cache.batches(32, 1, 0, buffer), 40)])
-    assert sorted(seen[:400].tolist()) == list(range(400))
-    assert max(loaded) <= buffer
-    assert any(rows > max(shard_rows) for rows in loaded)  # shards are grouped
+    loads = _watch_loads(cache)
+    assert_each_row_once_per_epoch(
+        [ids_of(b) for b in _take(cache.batches(32, 1, 0, buffer), 40)], 400
+    )
+    held = [live + rows for _, rows, live in loads]  # rows in memory once a load is done
+    assert max(held) <= buffer
+    assert max(held) > max(shard_rows)  # shards are grouped
     for window in cache.epoch_plan(1, 0, buffer):
         assert sum(shard_rows[s] for s in window) <= buffer
     assert sorted(s for w in cache.epoch_plan(1, 0, buffer) for s in w) == list(
         range(len(shard_rows))
     )
+    # each shard is read once per epoch (40 batches of 32 = 3.2 epochs of 400 rows)
+    assert len(loads) <= 4 * len(shard_rows)
+
+
+def test_order_within_a_batch(tmp_path):
+    """Inside a batch, rows come shard by shard, the shards ordered by the middle of their
+    place in their window (as a fraction of it): the window's shard order for a batch
+    inside one window, an interleaving for a batch that straddles two."""
+    n, batch, buffer, seed = 300, 48, 100, 5
+    cache = id_cache(tmp_path / "c", n, shard_tokens=20)
+    shard_rows = [e["rows"] for e in cache.manifest["shards"]]
+    shard_of = np.repeat(np.arange(cache.n_shards), shard_rows)
+    straddling = 0
+    for k in range(40):
+        epoch = k * batch // n
+        if ((k + 1) * batch - 1) // n != epoch:
+            continue  # a shard may then sit in two windows; other tests cover these batches
+        key = {}  # shard -> (middle of its place in its window, window, place)
+        for w, shards in enumerate(cache.epoch_plan(seed, epoch, buffer)):
+            ends = np.cumsum([shard_rows[s] for s in shards])
+            for i, s in enumerate(shards):
+                key[s] = ((2 * ends[i] - shard_rows[s]) / (2 * ends[-1]), w, i)
+        keys = [key[s] for s in shard_of[cache.batch_rows(k, batch, seed, buffer)]]
+        assert keys == sorted(keys), k
+        straddling += len({w for _, w, _ in keys}) == 2
+    assert straddling >= 5
+
+
+# ------------------------------------------------------------------ data-parallel parts
+
+
+def test_each_rank_reads_its_own_shards(tmp_path):
+    """N ranks' parts of batch k, concatenated in rank order, are the one-process batch k
+    row for row; each rank loads only shards its rows come from, about 1/N of what one
+    process loads plus the shards it shares with its neighbours (one per neighbour and
+    window, give or take one), and holds about 1/N of the buffer."""
+    id_cache(tmp_path / "c", 4800, chunk_sizes=(9, 4, 12, 6), shard_tokens=24)
+    batch, buffer, seed, steps = 240, 480, 3, 40  # 2 epochs of ~15-shard windows
+
+    def run(rank: int, world: int):
+        cache = CachedActivations(tmp_path / "c")  # a fresh reader, as in its own process
+        loads = _watch_loads(cache)
+        got = _take(cache.batches(batch, seed, 0, buffer, rank=rank, world=world), steps)
+        return got, loads, cache
+
+    whole, one_loads, cache = run(0, 1)
+    one_rows = sum(rows for _, rows, _ in one_loads)
+    shard_rows = [e["rows"] for e in cache.manifest["shards"]]
+    shard_of = np.repeat(np.arange(len(shard_rows)), shard_rows)
+    plans = [cache.epoch_plan(seed, e, buffer) for e in range(2)]
+    per_window = np.mean([len(w) for plan in plans for w in plan])  # shards in a window
+    assert one_rows == 2 * 4800 and per_window > 12  # one process reads each shard per epoch
+    for world in (2, 4):
+        parts = [run(rank, world) for rank in range(world)]
+        for k in range(steps):
+            assert torch.equal(torch.cat([got[k] for got, _, _ in parts]), whole[k]), (world, k)
+        for rank, (got, loads, _) in enumerate(parts):
+            ids = np.concatenate([ids_of(b) for b in got])
+            expected = [cache.batch_rows(k, batch, seed, buffer, rank, world) for k in range(steps)]
+            assert np.array_equal(ids, np.concatenate(expected))
+            assert {s for s, _, _ in loads} == set(shard_of[ids].tolist())  # nothing else
+            share = sum(rows for _, rows, _ in loads) / one_rows
+            neighbours = (rank > 0) + (rank < world - 1)
+            assert 1 / world <= share <= 1 / world + 2 * neighbours / per_window, (world, share)
+            held = max(live + rows for _, rows, live in loads)
+            assert held <= buffer / world + 2 * neighbours * max(shard_rows), (world, held)
+        total = sum(rows for _, loads, _ in parts for _, rows, _ in loads)
+        assert total <= one_rows * (1 + 2 * (world - 1) / per_window)
 
 
 def test_stream_argument_errors(tmp_path):
     cache = id_cache(tmp_path / "c", 30)
-    for args in ((0, 1), (4, -1), (4, 1, -2), (4, 1, 0, 0)):
+    for args in ((0, 1), (4, -1), (4, 1, -2), (4, 1, 0, 0), (6, 1, 0, 8, 0, 4), (4, 1, 0, 8, 2, 2)):
         with pytest.raises(ValueError):
             cache.batches(*args)

@@ -109,7 +109,7 @@ class NpyActivations(HeldOutSplit):
         if not 0 <= start <= stop:
             raise ValueError(f"bad row range {start}:{stop} for a view of {self.n} rows")
         rows = np.arange(self.start + start, self.start + stop)
-        return self._read_rows(rows)
+        return self.read_rows(rows)
 
     def sequential(self, batch_size: int) -> Iterator[Tensor]:
         """One pass over this view in file order: for evaluation on held-out rows."""
@@ -124,7 +124,7 @@ class NpyActivations(HeldOutSplit):
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         step = start_step
         while True:
-            yield self._read_rows(self.batch_rows(step, batch_size, seed))
+            yield self.read_rows(self.batch_rows(step, batch_size, seed))
             step += 1
 
     def batch_rows(self, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -149,7 +149,7 @@ class NpyActivations(HeldOutSplit):
             self._perm_cache[key] = np.random.default_rng([seed, epoch]).permutation(self.n)
         return self._perm_cache[key]
 
-    def _read_rows(self, rows: np.ndarray) -> Tensor:
+    def read_rows(self, rows: np.ndarray) -> Tensor:
         """Gather ``rows`` (file indices) in the given order; the mmap is read sorted."""
         order = np.argsort(rows, kind="stable")
         out = np.empty((len(rows), self.d), dtype=np.float32)

@@ -30,12 +30,29 @@ Block shuffle (:meth:`CachedActivations.batches`). Epoch ``e`` visits the view's
 the order ``default_rng([seed, e, 0]).permutation``; consecutive shards (in that order) are
 grouped greedily into windows of at most ``buffer_tokens`` rows (a shard larger than the
 buffer forms a window of its own); the rows of window ``w`` are visited in the order
-``default_rng([seed, e, 1, w]).permutation``. Epochs are concatenated and batch ``k`` is
+``default_rng([seed, e, 1, w]).permutation``. Epochs are concatenated and batch ``k`` holds
 positions ``[k B, (k + 1) B)`` of that endless sequence: every row appears exactly once
 per epoch, and batch ``k`` is a pure function of ``(seed, k, B, buffer_tokens)`` and the
 cache, so a resumed run sees exactly the batches of an uninterrupted one without reading
-the skipped ones. Only one window is held at a time (in the cache's dtype): memory is
-``max(buffer_tokens, largest shard) * d * itemsize`` plus one shard while a window loads.
+the skipped ones. Order within a batch: rows are grouped by shard and the shards ordered
+by where they sit in their window, the middle of the shard's rows in the window's shard
+order as a fraction of the window's rows (ties: the earlier window first); rows of one
+shard keep their shuffled order. For a batch inside one window this is the window's
+shard order; a batch that straddles windows interleaves their shards. The order
+changes nothing about which rows a batch holds; it is what lets data-parallel ranks read
+only their own shards.
+
+Data-parallel parts (``batches(..., rank=r, world=N)``). Rank ``r`` of ``N`` gets rows
+``[r B/N, (r + 1) B/N)`` of global batch ``k``, exactly the rows a one-process run puts
+there, so ``N`` processes train on the same global batches as one process. By the order
+above, those rows come from about the ``r``-th ``1/N`` of each window's shards, in every
+batch, and rank ``r`` loads only the shards its rows come from: per window about ``1/N``
+of it plus the one or two shards it shares with a neighbouring rank (so more than ``1/N``
+when a window holds fewer than about ``N`` shards: keep ``shard_tokens`` well below
+``buffer_tokens / N``). Memory: a loaded shard is kept until the stream leaves its window,
+so a rank holds the shards its rows of the current window touch (in the cache's dtype),
+about ``buffer_tokens / N`` rows plus a shard or two; one process holds at most one
+window, ``max(buffer_tokens, largest shard)`` rows.
 """
 
 from __future__ import annotations
@@ -423,6 +440,21 @@ class _EpochPlan:
     windows: list[list[int]]  # piece indices of each window, in visiting order
     starts: list[int]  # position in the epoch where each window starts; one extra at the end
 
+    def piece_starts(self, window: int, pieces: list[_Piece]) -> np.ndarray:
+        """Row of the window where each of its pieces starts; one extra at the end."""
+        return np.cumsum([0] + [pieces[p].rows for p in self.windows[window]])
+
+
+@dataclass
+class _Part:
+    """Rows of one batch (or of one rank's part of it) that come from one window, grouped
+    by piece: ``pieces[i]`` is the piece of row ``i``, ``local[i]`` its row in the piece."""
+
+    window: tuple[int, int]  # (epoch, window)
+    pieces: np.ndarray
+    local: np.ndarray
+    at: np.ndarray  # where each row goes in the batch (or the rank's part)
+
 
 class CachedActivations(HeldOutSplit):
     """Rows ``[start, stop)`` of a complete activation cache, as float32 batches."""
@@ -505,7 +537,9 @@ class CachedActivations(HeldOutSplit):
             if lo < hi:
                 pieces.append(_Piece(index, lo - first, hi - first, lo))
         self._pieces = pieces
+        self._piece_first = np.array([p.first for p in pieces], dtype=np.int64)
         self._plans: dict[tuple[int, int, int], _EpochPlan] = {}
+        self._perms: dict[tuple[int, int, int, int], np.ndarray] = {}
 
     @property
     def label(self) -> str:
@@ -646,21 +680,62 @@ class CachedActivations(HeldOutSplit):
         return out
 
     def _window_perm(self, seed: int, epoch: int, window: int, rows: int) -> np.ndarray:
-        return np.random.default_rng([seed, epoch, 1, window]).permutation(rows)
+        """Visiting order of the window's rows; the two most recent windows are cached."""
+        key = (seed, epoch, window, rows)
+        if key not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[key] = np.random.default_rng([seed, epoch, 1, window]).permutation(rows)
+        return self._perms[key]
+
+    def _batch_parts(
+        self, step: int, batch_size: int, seed: int, buffer_tokens: int, rank: int, world: int
+    ) -> list[_Part]:
+        """Rows ``[rank b, (rank + 1) b)`` of batch ``step`` (``b = batch_size / world``),
+        one part per window they come from: index arithmetic only, nothing is read."""
+        segments, middles = [], []  # per window: its rows of the batch, grouped by piece
+        for epoch, window, lo, hi in self._segments(step, batch_size, seed, buffer_tokens):
+            plan = self._plan(seed, epoch, buffer_tokens)
+            starts = plan.piece_starts(window, self._pieces)
+            rows = self._window_perm(seed, epoch, window, int(starts[-1]))[lo:hi]
+            slot = np.searchsorted(starts, rows, side="right") - 1  # piece within the window
+            order = np.argsort(slot, kind="stable")
+            slot, rows = slot[order], rows[order]
+            pieces = np.asarray(plan.windows[window])[slot]
+            segments.append(((epoch, window), pieces, rows - starts[slot]))
+            middles.append((starts[slot] + starts[slot + 1]) / (2 * starts[-1]))
+        share = batch_size // world
+        mine = np.arange(rank * share, (rank + 1) * share)
+        if len(segments) == 1:
+            key, pieces, local = segments[0]
+            return [_Part(key, pieces[mine], local[mine], np.arange(share))]
+        # A batch across windows: their pieces interleave by where they sit in their window.
+        mine = np.argsort(np.concatenate(middles), kind="stable")[mine]
+        bounds = np.cumsum([0, *(len(m) for m in middles)])
+        parts = []
+        for i, (key, pieces, local) in enumerate(segments):
+            at = np.flatnonzero((mine >= bounds[i]) & (mine < bounds[i + 1]))
+            if at.size:
+                index = mine[at] - bounds[i]  # increasing: the merge keeps each window's order
+                parts.append(_Part(key, pieces[index], local[index], at))
+        return parts
 
     def batch_rows(
-        self, step: int, batch_size: int, seed: int, buffer_tokens: int = DEFAULT_BUFFER_TOKENS
+        self,
+        step: int,
+        batch_size: int,
+        seed: int,
+        buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
+        rank: int = 0,
+        world: int = 1,
     ) -> np.ndarray:
-        """Cache row indices of batch ``step``: a pure function of its arguments."""
-        _check_stream_args(batch_size, seed, step, buffer_tokens)
-        parts = []
-        for epoch, window, lo, hi in self._segments(step, batch_size, seed, buffer_tokens):
-            pieces = [
-                self._pieces[p] for p in self._plan(seed, epoch, buffer_tokens).windows[window]
-            ]
-            ids = np.concatenate([np.arange(p.first, p.first + p.rows) for p in pieces])
-            parts.append(ids[self._window_perm(seed, epoch, window, len(ids))[lo:hi]])
-        return np.concatenate(parts)
+        """Cache row indices of batch ``step`` in batch order (rank ``rank``'s part of it
+        when ``world`` > 1): a pure function of its arguments."""
+        _check_stream_args(batch_size, seed, step, buffer_tokens, rank, world)
+        rows = np.empty(batch_size // world, dtype=np.int64)
+        for part in self._batch_parts(step, batch_size, seed, buffer_tokens, rank, world):
+            rows[part.at] = self._piece_first[part.pieces] + part.local
+        return rows
 
     def batches(
         self,
@@ -668,69 +743,61 @@ class CachedActivations(HeldOutSplit):
         seed: int,
         start_step: int = 0,
         buffer_tokens: int = DEFAULT_BUFFER_TOKENS,
+        rank: int = 0,
+        world: int = 1,
     ) -> Iterator[Tensor]:
         """Endless block-shuffled float32 batches; the first one yielded is ``start_step``.
 
-        Holds one window of at most ``max(buffer_tokens, largest shard)`` rows at a time.
+        With ``world`` > 1, rank ``rank``'s part of each batch, reading only the shards
+        that part needs (see the module docstring). Holds the shards of one window at a
+        time: at most ``max(buffer_tokens, largest shard)`` rows.
         """
-        _check_stream_args(batch_size, seed, start_step, buffer_tokens)
-        return self._batches(batch_size, seed, start_step, buffer_tokens)
+        _check_stream_args(batch_size, seed, start_step, buffer_tokens, rank, world)
+        return self._batches(batch_size, seed, start_step, buffer_tokens, rank, world)
 
     def _batches(
-        self, batch_size: int, seed: int, step: int, buffer_tokens: int
+        self, batch_size: int, seed: int, step: int, buffer_tokens: int, rank: int, world: int
     ) -> Iterator[Tensor]:
-        key: tuple[int, int] | None = None
-        window: _Window | None = None
+        window: tuple[int, int] | None = None
+        loaded: dict[int, Tensor] = {}  # piece -> its rows, for the pieces of `window` in use
         while True:
-            parts = []
-            for epoch, index, lo, hi in self._segments(step, batch_size, seed, buffer_tokens):
-                if key != (epoch, index):
-                    window = None  # release the old window before loading the next
-                    plan = self._plan(seed, epoch, buffer_tokens)
-                    window = self._load_window([self._pieces[p] for p in plan.windows[index]])
-                    perm = self._window_perm(seed, epoch, index, window.rows)
-                    window.order = torch.from_numpy(perm)
-                    key = (epoch, index)
-                take = window.order[lo:hi]
-                rows = window.data[take].float()
-                finite = torch.isfinite(rows).all(dim=1)
-                if not bool(finite.all()):
-                    piece, local = window.locate(int(take[int(torch.argmin(finite.byte()))]))
-                    raise _nonfinite(self._shard_where(piece.shard), local)
-                parts.append(rows)
-            yield parts[0] if len(parts) == 1 else torch.cat(parts)
+            parts = self._batch_parts(step, batch_size, seed, buffer_tokens, rank, world)
+            out = torch.empty(batch_size // world, self.d) if len(parts) > 1 else None
+            for part in parts:
+                if part.window != window:
+                    loaded = {}  # release the old window's shards before loading the next
+                    window = part.window
+                rows = self._gather(part, loaded)
+                if out is None:
+                    out = rows  # one window: the part is the whole batch, in order
+                else:
+                    out[torch.from_numpy(part.at)] = rows
+            yield out
             step += 1
 
-    def _load_window(self, pieces: list[_Piece]) -> _Window:
-        """The rows of ``pieces``, concatenated in the storage dtype, one shard loaded at a time."""
-        total = sum(p.rows for p in pieces)
-        data = torch.empty(total, self.d, dtype=self._storage_dtype)
-        starts, at = [], 0
-        for piece in pieces:
-            raw = self._load_raw(piece.shard)
-            data[at : at + piece.rows] = raw[piece.lo : piece.hi]
-            del raw
-            starts.append(at)
-            at += piece.rows
-        return _Window(data, pieces, starts)
+    def _gather(self, part: _Part, loaded: dict[int, Tensor]) -> Tensor:
+        """The part's rows as a checked float32 tensor; each piece is loaded on first use
+        and kept (in ``loaded``)."""
+        rows = torch.empty(len(part.local), self.d, dtype=self._storage_dtype)
+        local = torch.from_numpy(part.local)
+        cuts = (np.flatnonzero(np.diff(part.pieces)) + 1).tolist()  # rows come in piece runs
+        for a, b in zip([0, *cuts], [*cuts, len(part.local)], strict=True):
+            index = int(part.pieces[a])
+            if index not in loaded:
+                loaded[index] = self._load_piece(self._pieces[index])
+            torch.index_select(loaded[index], 0, local[a:b], out=rows[a:b])
+        rows = rows.float()
+        finite = torch.isfinite(rows).all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.argmin(finite.byte()))
+            piece = self._pieces[int(part.pieces[bad])]
+            raise _nonfinite(self._shard_where(piece.shard), piece.lo + int(local[bad]))
+        return rows
 
-
-@dataclass
-class _Window:
-    data: Tensor  # [rows, d] in the storage dtype
-    pieces: list[_Piece]
-    starts: list[int]  # row of data where each piece starts
-    order: Tensor | None = None
-
-    @property
-    def rows(self) -> int:
-        return int(self.data.shape[0])
-
-    def locate(self, row: int) -> tuple[_Piece, int]:
-        """The piece holding window row ``row`` and the row's index within its shard."""
-        k = bisect.bisect_right(self.starts, row) - 1
-        piece = self.pieces[k]
-        return piece, piece.lo + row - self.starts[k]
+    def _load_piece(self, piece: _Piece) -> Tensor:
+        """The piece's rows in the storage dtype, not holding on to the rest of its shard."""
+        raw = self._load_raw(piece.shard)
+        return raw if piece.rows == raw.shape[0] else raw[piece.lo : piece.hi].clone()
 
 
 def _nonfinite(where: str, row: int) -> FormatError:
@@ -742,10 +809,16 @@ def _check_positive(name: str, value: int) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
-def _check_stream_args(batch_size: int, seed: int, step: int, buffer_tokens: int) -> None:
+def _check_stream_args(
+    batch_size: int, seed: int, step: int, buffer_tokens: int, rank: int = 0, world: int = 1
+) -> None:
     _check_positive("batch_size", batch_size)
     _check_positive("buffer_tokens", buffer_tokens)
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if step < 0:
         raise ValueError(f"start_step must be >= 0, got {step}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must lie in [0, {world}), got {rank}")
+    if batch_size % world:
+        raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")

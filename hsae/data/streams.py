@@ -2,20 +2,22 @@
 
 A stream is a function `stream(start_step)` that yields the raw batch of every step from
 `start_step` on; a resumed run asks for the stream at its checkpoint's step and sees the
-same batches an uninterrupted run would have seen.
+same batches an uninterrupted run would have seen. The streams over files are each a
+:class:`~hsae.distributed.PerRankStream`: under torchrun each rank reads only its own part
+of every global batch (the rule is in :mod:`hsae.distributed`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from hsae.data.activations import NpyActivations
+from hsae.data.cache import CachedActivations
 from hsae.data.planted import PlantedForest
-
-Stream = Callable[[int], Iterator[Tensor]]
+from hsae.distributed import PerRankStream, Stream, check_divisible
 
 HELDOUT_SEED_OFFSET = 7_919_000  # evaluation draws never coincide with training draws
 
@@ -40,8 +42,29 @@ def planted_heldout(forest: PlantedForest, batch_size: int, n_tokens: int, seed:
         yield forest.sample(batch_size, gen)
 
 
-def npy_stream(source: NpyActivations, batch_size: int, seed: int) -> Stream:
-    def stream(start_step: int) -> Iterator[Tensor]:
-        return source.batches(batch_size, seed, start_step=start_step)
+def npy_stream(source: NpyActivations, batch_size: int, seed: int) -> PerRankStream:
+    """Batch k as NpyActivations.batches draws it; a rank reads only its slice's rows."""
 
-    return stream
+    def part(start_step: int, rank: int, world: int) -> Iterator[Tensor]:
+        if world == 1:
+            yield from source.batches(batch_size, seed, start_step=start_step)
+            return
+        check_divisible(batch_size, world)
+        share, step = batch_size // world, start_step
+        while True:
+            rows = source.batch_rows(step, batch_size, seed)[rank * share : (rank + 1) * share]
+            yield source.read_rows(rows)  # the memory map reads these rows alone
+            step += 1
+
+    return PerRankStream(batch_size, part)
+
+
+def cache_stream(
+    source: CachedActivations, batch_size: int, seed: int, buffer_tokens: int
+) -> PerRankStream:
+    """The cache's block-shuffled batches; a rank opens only the shards of its part."""
+
+    def part(start_step: int, rank: int, world: int) -> Iterator[Tensor]:
+        return source.batches(batch_size, seed, start_step, buffer_tokens, rank, world)
+
+    return PerRankStream(batch_size, part)
