@@ -71,8 +71,15 @@ class Live:
 
 def feature_major(feat: Tensor, n: int) -> tuple[Tensor, Tensor]:
     order = torch.argsort(feat, stable=True)
-    counts = torch.bincount(feat, minlength=n)
+    counts = _counts(feat, n)
     return order, counts.cumsum(0) - counts
+
+
+def _counts(index: Tensor, n: int) -> Tensor:
+    """How often each of 0..n-1 occurs (bincount, whose output size costs a GPU sync)."""
+    return torch.zeros(n, dtype=torch.long, device=index.device).index_add_(
+        0, index, torch.ones_like(index)
+    )
 
 
 def _bag_sum(rows: Tensor, index: Tensor, order: Tensor, starts: Tensor, weight: Tensor):
@@ -144,11 +151,11 @@ def encode_live(model: HSAE, x: Tensor, level: int, capacity: int | None = None)
     """The level's live entries for a (scaled) batch x."""
     W, b, theta = model.W_enc[level], model.b_enc[level], model.threshold[level]
     x_centred = x - model.b_dec[level].detach()
-    with torch.no_grad():
-        pre_all = torch.addmm(b, x_centred, W)
-        mask = pre_all > theta - model.bandwidth / 2
+    with torch.no_grad():  # pi - b_enc, compared with theta - b_enc: one pass less over [B, n]
+        pre_all = x_centred @ W
+        mask = pre_all > theta - b - model.bandwidth / 2
     tok, feat, valid, dropped = live_entries(mask, capacity)
-    values = pre_all[tok, feat].float()
+    values = pre_all.view(-1).index_select(0, tok * W.shape[1] + feat).float() + b[feat]
     order, starts = feature_major(feat, W.shape[1])
     pre = GatheredLinear.apply(
         x_centred, W, b, model.b_dec[level], tok, feat, order, starts, values
@@ -156,7 +163,7 @@ def encode_live(model: HSAE, x: Tensor, level: int, capacity: int | None = None)
     if valid is not None:  # padded entries: pushed far below theta, so they stay silent
         pre = torch.where(valid, pre, pre.detach() - 1e4)
     act = JumpReLU.apply(pre, theta.index_select(0, feat), model.bandwidth)
-    counts = torch.bincount(tok, minlength=x.shape[0])
+    counts = _counts(tok, x.shape[0])
     offsets = counts.cumsum(0) - counts
     return Live(
         tok, feat, pre, act, offsets, order, starts, valid, dropped, x.shape[0], W.shape[1]
@@ -223,37 +230,40 @@ def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor)
     par = parent.clamp(min=0)[c.feat]
     a_c = c.act * linked[c.feat]
     key = c.tok * p.n + par  # (token, parent) of each child entry
-    a_par = p.dense().view(-1).index_select(0, key)
+    a_par = _lookup(p.tok * p.n + p.feat, p.act, key)
     cos = (dec_p.index_select(0, parent.clamp(min=0)) * dec_c).sum(-1)
     cross = (a_c * a_par * cos.index_select(0, c.feat)).sum()
-    shared = _shared_groups(key, p.batch * p.n, a_c, c.feat, dec_c, compact=c.valid is None)
+    shared = _shared_groups(key, a_c, c.feat, dec_c, compact=c.valid is None)
     siblings = a_c.pow(2).sum() + shared
     return (parent_term - 2 * cross + siblings) / p.batch
 
 
-def _shared_groups(
-    key: Tensor, n_keys: int, a: Tensor, feat: Tensor, dec: Tensor, compact: bool
-) -> Tensor:
+def _lookup(keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
+    """values[i] where keys[i] == query, else 0; keys ascending (entries are row-major)."""
+    if keys.numel() == 0:
+        return values.new_zeros(queries.shape)
+    pos = torch.searchsorted(keys, queries).clamp(max=keys.numel() - 1)
+    return values.index_select(0, pos) * (keys.index_select(0, pos) == queries)
+
+
+def _shared_groups(key: Tensor, a: Tensor, feat: Tensor, dec: Tensor, compact: bool) -> Tensor:
     """sum over groups of equal key with two or more entries of ||sum a d||^2 - sum a^2."""
-    size = torch.zeros(n_keys, dtype=torch.int32, device=key.device)
-    size.index_add_(0, key, torch.ones_like(key, dtype=torch.int32))
-    a, feat, key = _keep(size[key] > 1, a, feat, key, compact=compact)
-    group = _group_ids(key, compact)
-    n_groups = int(group.max()) + 1 if compact and group.numel() else key.numel()
+    order = torch.argsort(key, stable=True)
+    key = key.index_select(0, order)
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[1:] = key[1:] != key[:-1]
+    group = first.cumsum(0) - 1
+    size = torch.zeros_like(key).index_add_(0, group, torch.ones_like(key))
+    a, feat, group = _keep(
+        size.index_select(0, group) > 1,
+        a.index_select(0, order), feat.index_select(0, order), group, compact=compact,
+    )  # fmt: skip
+    if compact:  # renumber the groups left 0, 1, ... (sync-free: as many rows as entries)
+        group = torch.unique_consecutive(group, return_inverse=True)[1]
+    n_groups = int(group[-1]) + 1 if compact and group.numel() else key.numel()
     rows = dec.index_select(0, feat) * a.unsqueeze(1)
     sums = rows.new_zeros(n_groups, dec.shape[1]).index_add_(0, group, rows)
     return sums.pow(2).sum() - a.pow(2).sum()
-
-
-def _group_ids(key: Tensor, compact: bool) -> Tensor:
-    """Number the distinct keys 0, 1, ...; sync-free (sort-based) unless ``compact``."""
-    if compact:
-        return torch.unique(key, return_inverse=True)[1]
-    order = torch.argsort(key)
-    sorted_key = key[order]
-    new = torch.ones_like(sorted_key, dtype=torch.long)
-    new[1:] = (sorted_key[1:] != sorted_key[:-1]).long()
-    return torch.empty_like(order).scatter_(0, order, new.cumsum(0) - 1)
 
 
 # ---------------------------------------------------------------- the whole loss
