@@ -10,6 +10,12 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	# SAEBench's code for tests/test_saebench.py, without its pins (numpy<2, datasets<4, a
+	# torchvision that upgrades torch): its core eval needs none of them (docs/saebench.md).
+	$(PY) -m pip install -q --no-deps "sae-bench==0.6.0"
+	# The browser tests (tests/test_explore_site.py) drive Debian's Chromium with Playwright.
+	test -x /usr/bin/chromium || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	touch $@
 
 demo: $(VENV)/.installed

@@ -128,19 +128,44 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.judge and not args.plots:
+        raise ValueError("--judge needs --plots DIR")
+    judge = None
+    if args.judge:  # read before the evaluation: a bad file fails at once
+        from hsae.plots import judge_rates
+
+        judge = judge_rates(args.judge, ["hsae", "baseline"])
     model, parents, header = pipeline.load(args.model_dir)
     if args.data:
         source = source_from_args(args, expected_d=model.d_in)
     else:
         source = pipeline.source_from_description(header["config"].get("data", {}), model.d_in)
+    forests = {"model": (model, parents, header)}
+    if args.baseline:  # both on the same held-out tokens
+        base = pipeline.load(args.baseline)
+        if base[0].d_in != model.d_in:
+            raise ValueError(f"{args.baseline}: d_in {base[0].d_in}, but {args.model_dir} "
+                             f"has {model.d_in}")  # fmt: skip
+        forests = {"hsae": forests["model"], "baseline": base}
+    reports = {name: _eval_one(*forest, source, args) for name, forest in forests.items()}
+    print(format_report(reports))
+    if args.json:
+        atomic_write_json(args.json, reports if args.baseline else reports["model"])
+        print(f"wrote {args.json}")
+    if args.plots:
+        from hsae.plots import write_comparison
+
+        named = reports if args.baseline else {"hsae": reports["model"]}
+        paths = write_comparison(named, args.plots, judge)
+        print("wrote " + ", ".join(map(str, paths)))
+
+
+def _eval_one(model, parents, header: dict, source: pipeline.Source, args) -> dict:
     report = pipeline.evaluate_model(model, parents, source, args.tokens)
     if args.splice:
         report["splice"] = pipeline.splice_report(model, header, args.splice)
         report["loss_recovered"] = [lv["loss_recovered"] for lv in report["splice"]["levels"]]
-    print(format_report({"model": report}))
-    if args.json:
-        atomic_write_json(args.json, report)
-        print(f"wrote {args.json}")
+    return report
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -254,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
     ev.add_argument("--tokens", type=int, default=65536, help="held-out tokens to evaluate")
     ev.add_argument("--json", help="also write the full report to this JSON file")
+    ev.add_argument("--baseline", help="a second forest (e.g. the post-hoc baseline) to compare")
+    ev.add_argument("--plots", metavar="DIR", help="save Figure 3-style bar charts (PNG) here")
+    ev.add_argument("--judge", help="an hsae judge report: adds the yes-rate panel to --plots")
     ev.add_argument(
         "--splice",
         type=int,
@@ -269,7 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that live beside what they run: each module's register(sub) adds its parser and
 # sets `run` (a function of the parsed args) as the parser's default.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "hsae.explore.collect",
+    "hsae.explore.judge",
+    "hsae.explore.site",
+    "hsae.explore.geometry",
+    "hsae.plots",
+    "hsae.saebench",
+]
 
 
 COMMANDS = {

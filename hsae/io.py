@@ -130,6 +130,7 @@ def _fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--json runs/new/report.json` just works
     with _temp_beside(path) as tmp:
         with open(tmp, "wb") as handle:
             handle.write(data)

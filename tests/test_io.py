@@ -461,3 +461,10 @@ def test_split_holds_out_last_rows(tmp_path: Path) -> None:
     assert set(seen.tolist()) == set(range(30))
     with pytest.raises(FormatError, match="cannot hold out"):
         train.split_rows(30)
+
+
+def test_atomic_json_creates_missing_folders_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "new" / "deeper" / "report.json"
+    hio.atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]

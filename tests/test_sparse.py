@@ -104,3 +104,29 @@ def test_exact_live_set_is_every_entry_above_the_window() -> None:
     assert torch.equal(torch.stack([live.tok, live.feat], 1), expected)
     assert torch.allclose(live.pre.detach(), pre[live.tok, live.feat], atol=1e-6)
     assert torch.allclose(live.dense().detach(), model.activate(pre, 0), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_training_step_never_syncs_with_the_host(tmp_path) -> None:
+    """Between hierarchy updates a GPU step runs without a host-device sync."""
+    from hsae.config import HSAEConfig, RunConfig, TrainConfig
+    from hsae.train import Trainer
+
+    data = torch.randn(4, 256, 32, device="cuda")
+    cfg = RunConfig(
+        model=HSAEConfig(sizes=(64, 128, 256), target_l0=8, update_every=5),
+        train=TrainConfig(steps=100, batch_size=256, checkpoint_every=0, progress=False,
+                          scale_tokens=256, device="cuda"),
+    )  # fmt: skip
+    trainer = Trainer(cfg, 32, lambda start: iter(data), tmp_path)
+    trainer.init_fresh()
+    for i in range(6):  # past the first hierarchy update: links and substitution are live
+        trainer.train_step(data[i % 4])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(3):  # steps 7-9: no update is due
+            trainer.train_step(data[i % 4])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(trainer.dropped) == 0

@@ -12,13 +12,19 @@ A context store is a directory:
         level_{l}.sample_acts  float16 [n, n_sampled, window]
         level_{l}.frequency    float32 [n]                    share of tokens it fires on
         level_{l}.max_act      float32 [n]
-        level_{l}.histogram    int64   [n, bins]              activations > 0, bins of
-                                                              width max_act / bins
+        level_{l}.histogram    int64   [n, bins]              activations > 0 per bin
+        level_{l}.histogram_max float32 [n]                   top edge h of the histogram
+
+Histogram bin ``i`` counts the activations in ``(i h / bins, (i + 1) h / bins]`` with
+``h = histogram_max`` (:meth:`LevelContexts.histogram_edges`), a bound fixed while
+streaming: `hsae contexts` uses the smallest power of two >= max_act, so
+``max_act <= h < 2 max_act`` (hsae.explore.collect). A store without ``histogram_max``
+(written before it existed) means ``h = max_act``.
 
 Top contexts are ordered by their largest activation, highest first; a feature with
 fewer contexts than slots has rows of -1. Sampled contexts are drawn in proportion to
 activation. Everything the explorer, the judge and the figures read goes through
-:class:`ContextStore`.
+:class:`ContextStore`. ``hsae contexts`` (hsae.explore.collect) writes stores.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from hsae.io import load_safetensors as _load_tensors
 META_FILE = "contexts.json"
 TENSOR_FILE = "contexts.safetensors"
 FIELDS = ("top_ids", "top_acts", "sample_ids", "sample_acts", "frequency", "max_act", "histogram")
+OPTIONAL_FIELDS = ("histogram_max",)
+"""Read when present; older stores lack them (defaults in :class:`LevelContexts`)."""
 
 
 @dataclass
@@ -55,8 +63,10 @@ class Example:
         out, inside = [], False
         for tok, act in zip(self.tokens, self.acts):
             hot = act > threshold
-            if hot and not inside:
-                out.append("<<")
+            if hot and not inside:  # a word's leading space stays outside: " <<cat>>"
+                body = tok.lstrip()
+                out.append(tok[: len(tok) - len(body)] + "<<")
+                tok = body
             if not hot and inside:
                 out.append(">>")
             out.append(tok)
@@ -77,10 +87,21 @@ class LevelContexts:
     frequency: Tensor
     max_act: Tensor
     histogram: Tensor
+    histogram_max: Tensor | None = None
+    """Top edge of each feature's histogram; None means max_act (older stores)."""
+
+    def __post_init__(self) -> None:
+        if self.histogram_max is None:
+            self.histogram_max = self.max_act.float().clone()
 
     @property
     def n_features(self) -> int:
         return int(self.frequency.shape[0])
+
+    def histogram_edges(self, feature: int) -> list[float]:
+        """The ``bins + 1`` edges of one feature's histogram, from 0 to histogram_max."""
+        bins, top = self.histogram.shape[1], float(self.histogram_max[feature])
+        return [top * i / bins for i in range(bins + 1)]
 
 
 @dataclass
@@ -117,7 +138,7 @@ class ContextStore:
         tensors = {
             f"level_{i}.{name}": getattr(lv, name).contiguous()
             for i, lv in enumerate(self.levels)
-            for name in FIELDS
+            for name in FIELDS + OPTIONAL_FIELDS
         }
         atomic_save_safetensors(directory / TENSOR_FILE, tensors)
         meta = {**self.meta, "sizes": self.sizes}
@@ -143,8 +164,9 @@ def _read_level(tensors: dict[str, Tensor], i: int, n: int, n_vocab: int, where:
     missing = [f for f in FIELDS if f"level_{i}.{f}" not in tensors]
     if missing:
         raise FormatError(f"{where / TENSOR_FILE}: level {i} lacks {', '.join(missing)}")
-    lv = LevelContexts(**{f: tensors[f"level_{i}.{f}"] for f in FIELDS})
-    for name in FIELDS:
+    present = [f for f in FIELDS + OPTIONAL_FIELDS if f"level_{i}.{f}" in tensors]
+    lv = LevelContexts(**{f: tensors[f"level_{i}.{f}"] for f in present})
+    for name in FIELDS + OPTIONAL_FIELDS:
         if getattr(lv, name).shape[0] != n:
             raise FormatError(f"{where / TENSOR_FILE}: level_{i}.{name} is not {n} features long")
     for name in ("top_ids", "sample_ids"):
