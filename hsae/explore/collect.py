@@ -473,15 +473,11 @@ def run(args) -> None:
     from hsae.data.extract import load_lm, skip_texts
     from hsae.data.text import text_source
 
-    check_settings(
-        top_k=args.top_k,
-        n_sampled=args.n_sampled,
-        window=args.window,
-        bins=args.bins,
-        batch_size=args.batch_size,
-        max_texts=args.max_texts,
-        seed=args.seed,
-    )
+    settings = {
+        name: getattr(args, name)
+        for name in ("top_k", "n_sampled", "window", "bins", "batch_size", "max_texts", "seed")
+    }
+    check_settings(**settings)  # before anything is loaded
     model, _, header = pipeline.load(args.model_dir)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -504,16 +500,10 @@ def run(args) -> None:
         lm,
         itertools.chain([first], texts),
         p.layer,
-        top_k=args.top_k,
-        n_sampled=args.n_sampled,
-        window=args.window,
-        bins=args.bins,
         context_len=p.context_len,
-        batch_size=args.batch_size,
-        max_texts=args.max_texts,
-        seed=args.seed,
         progress=not args.quiet,
         meta=meta,
+        **settings,
     )
     store.save(out)
     _report(store, out)
