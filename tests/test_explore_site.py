@@ -281,8 +281,10 @@ def test_served_on_localhost_by_the_command(browser, planted, subprocess_env):
         "--quiet",
     ]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env
-    )
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env,
+        # a test run started in the background inherits SIGINT ignored; Ctrl-C is the point
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     try:
         url = None
         for line in proc.stdout:
