@@ -1,4 +1,4 @@
-"""The `hsae` command: demo, train, eval.
+"""The `hsae` command: train, evaluate, see and judge hierarchical SAEs.
 
 Every field of the config dataclasses is a flag: `--model.sizes 64,128,256`,
 `--train.steps 3000`, `--planted.d 64`. A JSON config file (`--config run.json`, with

@@ -70,6 +70,7 @@ class Live:
 
 
 def feature_major(feat: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The entries in feature order, and where each feature's entries start in it."""
     order = torch.argsort(feat, stable=True)
     counts = _counts(feat, n)
     return order, counts.cumsum(0) - counts
@@ -82,12 +83,10 @@ def _counts(index: Tensor, n: int) -> Tensor:
     )
 
 
-def _bag_sum(rows: Tensor, index: Tensor, order: Tensor, starts: Tensor, weight: Tensor):
+def _bag_sum(rows: Tensor, index: Tensor, order: Tensor, starts: Tensor, weight: Tensor) -> Tensor:
     """Per feature f, sum over f's entries e of weight[e] * rows[index[e]]: one embedding
     bag per feature, without materialising an entries x d tensor."""
-    return F.embedding_bag(
-        index[order], rows, starts, mode="sum", per_sample_weights=weight[order]
-    )
+    return F.embedding_bag(index[order], rows, starts, mode="sum", per_sample_weights=weight[order])
 
 
 class GatheredLinear(torch.autograd.Function):
@@ -98,7 +97,8 @@ class GatheredLinear(torch.autograd.Function):
     d pi / d b_dec = -W_enc, so b_dec's gradient is -W_enc @ grad_b (one matvec)."""
 
     @staticmethod
-    def forward(ctx, x_centred, W_enc, b_enc, b_dec, tok, feat, order, starts, values):  # noqa: ARG004
+    def forward(ctx, x_centred, W_enc, b_enc, b_dec, tok, feat, order, starts, values):
+        # W_enc, b_enc and b_dec are inputs only so that autograd routes their gradients here
         ctx.save_for_backward(x_centred, W_enc, tok, feat, order, starts)
         return values.clone()
 
@@ -165,9 +165,7 @@ def encode_live(model: HSAE, x: Tensor, level: int, capacity: int | None = None)
     act = JumpReLU.apply(pre, theta.index_select(0, feat), model.bandwidth)
     counts = _counts(tok, x.shape[0])
     offsets = counts.cumsum(0) - counts
-    return Live(
-        tok, feat, pre, act, offsets, order, starts, valid, dropped, x.shape[0], W.shape[1]
-    )
+    return Live(tok, feat, pre, act, offsets, order, starts, valid, dropped, x.shape[0], W.shape[1])
 
 
 def decode_live(model: HSAE, live: Live, level: int) -> Tensor:
