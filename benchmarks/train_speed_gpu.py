@@ -6,6 +6,7 @@ training step, not the data path.
 
     python benchmarks/train_speed_gpu.py                      # the GPU, fp32
     python benchmarks/train_speed_gpu.py --autocast           # bf16 autocast
+    python benchmarks/train_speed_gpu.py --kernel dense       # the dense reference step
     python benchmarks/train_speed_gpu.py --device cpu --d 64 --sizes 64,128 --steps 5  # smoke
 """
 
@@ -32,6 +33,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="timed steps")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     parser.add_argument("--autocast", action="store_true")
+    parser.add_argument(
+        "--kernel", default="live", choices=["live", "dense"], help="live entries or dense"
+    )
     args = parser.parse_args()
     sizes = tuple(int(n) for n in args.sizes.split(","))
     total = args.warmup + args.steps
@@ -39,7 +43,8 @@ def main() -> None:
         model=HSAEConfig(sizes=sizes, target_l0=args.target_l0, update_every=max(1, total // 4)),
         train=TrainConfig(steps=total, batch_size=args.batch_size, device=args.device,
                           autocast=args.autocast, checkpoint_every=0, progress=False,
-                          scale_tokens=args.batch_size, deterministic=False),
+                          scale_tokens=args.batch_size, deterministic=False,
+                          kernel=args.kernel),
     )  # fmt: skip
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -67,7 +72,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
         f"device {name}, d {args.d}, levels {list(sizes)}, batch {args.batch_size}, "
-        f"autocast {args.autocast}"
+        f"autocast {args.autocast}, kernel {args.kernel}"
     )
     print(
         f"{rate:,.0f} tokens/s; 100M tokens would take {PAPER_TOKENS / rate / 3600:.2f} h "
@@ -75,6 +80,7 @@ def main() -> None:
     )
     if device.type == "cuda":
         print(f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+        print(f"live entries beyond the fixed capacity (should be 0): {int(trainer.dropped)}")
 
 
 def _sync(device: torch.device) -> None:
