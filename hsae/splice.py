@@ -244,72 +244,88 @@ def splice_eval(
     Returns ``{"kind", "metric", "layer", "clean", "zero", "levels": [{"level", "spliced",
     "loss_recovered"}], "n_tokens", "n_texts"}``; ``n_tokens`` counts the scored tokens,
     ``n_texts`` the texts with at least one non-special token."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    if kind == "masked" and getattr(tokenizer, "mask_token_id", None) is None:
-        raise ValueError("kind 'masked' needs a tokenizer with a mask token")
-    if not 0.0 < mask_prob <= 1.0 and kind == "masked":
-        raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
-    hidden_state_site(lm_model, layer)  # fail on a bad index before reading any text
-    hidden_size = getattr(getattr(lm_model, "config", None), "hidden_size", None)
-    if hidden_size is not None and hidden_size != hsae.d_in:
-        raise ValueError(
-            f"the HSAE reads d={hsae.d_in} but the model's hidden size is {hidden_size}"
-        )
-
+    _check_request(lm_model, tokenizer, kind, layer, hsae, mask_prob)
     device = next(lm_model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     sums = [0.0] * (2 + hsae.n_levels)  # clean, zero, one per level
     n_tokens = n_texts = 0
     site: HookSite | None = None
     add_bos = wants_bos(tokenizer, kind, prepend_bos)
-    was_training, sae_was_training = lm_model.training, hsae.training
-    lm_model.eval()
-    hsae.eval()
     total = max_texts
     if total is None and hasattr(texts, "__len__"):
         total = len(texts)
     bar = tqdm(total=total, unit="text", desc=f"splice layer {layer}", disable=not progress)
-    try:
-        with torch.no_grad():
-            for batch in _batches(texts, batch_size, max_texts):
-                bar.update(len(batch))
-                enc = _tokenize(tokenizer, batch, context_len, device, add_bos)
-                if enc is None:
-                    continue
-                prepared = _prepare(enc, kind, tokenizer, mask_prob, gen)
-                if site is None:
-                    site = locate_hidden_state(lm_model, layer, prepared.inputs)
-                clean = _forward(lm_model, kind, prepared, site, None)
-                if kind == "encoder":
-                    prepared.reference = clean
-                sums[0] += _loss_sum(kind, clean, prepared)
-                sums[1] += _loss_sum(
-                    kind, _forward(lm_model, kind, prepared, site, _zero), prepared
-                )
-                for level in range(hsae.n_levels):
-                    fn = functools.partial(_splice_rows, hsae, level)
-                    out = _forward(lm_model, kind, prepared, site, fn)
-                    sums[2 + level] += _loss_sum(kind, out, prepared)
-                n_tokens += int(prepared.scored.sum())
-                n_texts += int(prepared.scored.shape[0])
-    finally:
-        bar.close()
-        lm_model.train(was_training)
-        hsae.train(sae_was_training)
+    with _eval_mode(lm_model, hsae), bar, torch.no_grad():
+        for batch in _batches(texts, batch_size, max_texts):
+            bar.update(len(batch))
+            enc = _tokenize(tokenizer, batch, context_len, device, add_bos)
+            if enc is None:
+                continue
+            prepared = _prepare(enc, kind, tokenizer, mask_prob, gen)
+            if site is None:
+                site = locate_hidden_state(lm_model, layer, prepared.inputs)
+            losses = _batch_loss_sums(lm_model, kind, prepared, site, hsae)
+            sums = [total + loss for total, loss in zip(sums, losses)]
+            n_tokens += int(prepared.scored.sum())
+            n_texts += int(prepared.scored.shape[0])
     if n_tokens == 0:
         raise ValueError("no tokens to score: the texts are empty or too short")
-    clean_loss, zero_loss, *spliced = (s / n_tokens for s in sums)
+    return _summary(kind, layer, [s / n_tokens for s in sums], n_tokens, n_texts)
+
+
+def _check_request(lm_model, tokenizer, kind: str, layer: int, hsae: HSAE, mask_prob: float):
+    """Fail on a bad request before any text is read."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "masked" and getattr(tokenizer, "mask_token_id", None) is None:
+        raise ValueError("kind 'masked' needs a tokenizer with a mask token")
+    if not 0.0 < mask_prob <= 1.0 and kind == "masked":
+        raise ValueError(f"mask_prob must be in (0, 1], got {mask_prob}")
+    hidden_state_site(lm_model, layer)
+    hidden_size = getattr(getattr(lm_model, "config", None), "hidden_size", None)
+    if hidden_size is not None and hidden_size != hsae.d_in:
+        raise ValueError(
+            f"the HSAE reads d={hsae.d_in} but the model's hidden size is {hidden_size}"
+        )
+
+
+@contextlib.contextmanager
+def _eval_mode(*modules: nn.Module) -> Iterator[None]:
+    """Modules in eval mode for the block, restored to their own mode afterwards."""
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, was_training):
+            m.train(mode)
+
+
+def _batch_loss_sums(
+    lm_model: nn.Module, kind: str, prepared: _Batch, site: HookSite, hsae: HSAE
+) -> list[float]:
+    """The batch's summed loss: clean, zero-ablated, then with each level spliced in."""
+    clean = _forward(lm_model, kind, prepared, site, None)
+    if kind == "encoder":  # the clean final hidden states are the reference
+        prepared.reference = clean
+    sums = [_loss_sum(kind, clean, prepared)]
+    sums.append(_loss_sum(kind, _forward(lm_model, kind, prepared, site, _zero), prepared))
+    for level in range(hsae.n_levels):
+        splice = functools.partial(_splice_rows, hsae, level)
+        sums.append(_loss_sum(kind, _forward(lm_model, kind, prepared, site, splice), prepared))
+    return sums
+
+
+def _summary(kind: str, layer: int, losses: list[float], n_tokens: int, n_texts: int) -> dict:
+    clean_loss, zero_loss, *spliced = losses
     if kind == "encoder":
         clean_loss = 0.0
     levels = [
-        {
-            "level": level,
-            "spliced": float(loss),
-            "loss_recovered": _recovered(clean_loss, zero_loss, loss),
-        }
+        {"level": level, "spliced": float(loss),
+         "loss_recovered": _recovered(clean_loss, zero_loss, loss)}
         for level, loss in enumerate(spliced)
-    ]
+    ]  # fmt: skip
     return {
         "kind": kind,
         "metric": KINDS[kind],
