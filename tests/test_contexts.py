@@ -56,6 +56,7 @@ WORDS = [
     "root",
 ]
 LAYER, WINDOW, TOP_K, N_SAMPLED, BINS, CONTEXT_LEN = 2, 8, 3, 2, 8, 48
+SETTINGS = dict(top_k=TOP_K, n_sampled=N_SAMPLED, window=WINDOW, bins=BINS, context_len=CONTEXT_LEN)
 SPECIALS = ("<bos>", "<pad>", "<eos>", "[CLS]", "[SEP]", "[PAD]")
 
 
@@ -161,11 +162,7 @@ def setups(lm_dirs) -> dict:
             lm,
             iter(TEXTS),
             LAYER,
-            top_k=TOP_K,
-            n_sampled=N_SAMPLED,
-            window=WINDOW,
-            bins=BINS,
-            context_len=CONTEXT_LEN,
+            **SETTINGS,
             batch_size=3,
             chunk_elements=64,
             progress=False,
@@ -292,14 +289,7 @@ def test_no_special_or_padding_token_is_ever_stored(setups, name):
 
 def test_store_does_not_depend_on_batching_and_the_seed_changes_only_samples(setups):
     s = setups["gpt2"]
-    kwargs = dict(
-        top_k=TOP_K,
-        n_sampled=N_SAMPLED,
-        window=WINDOW,
-        bins=BINS,
-        context_len=CONTEXT_LEN,
-        progress=False,
-    )
+    kwargs = dict(**SETTINGS, progress=False)
     again = collect_contexts(s["model"], s["lm"], iter(TEXTS), LAYER, batch_size=7, **kwargs)
     other = collect_contexts(s["model"], s["lm"], iter(TEXTS), LAYER, seed=1, **kwargs)
     for a, b, c in zip(s["store"].levels, again.levels, other.levels):
@@ -514,11 +504,7 @@ def test_cli_defaults_to_the_training_cache_and_its_unseen_texts(setups, lm_dirs
         s["lm"],
         iter(texts[done:]),
         LAYER,
-        top_k=TOP_K,
-        n_sampled=N_SAMPLED,
-        window=WINDOW,
-        bins=BINS,
-        context_len=CONTEXT_LEN,
+        **SETTINGS,
         progress=False,
     )
     assert store.vocab == direct.vocab
