@@ -113,6 +113,14 @@ class TrainConfig:
     as the formulas read (the reference, several times slower)."""
     progress: bool = True
 
+    @classmethod
+    def short_run(cls, steps: int, **overrides) -> TrainConfig:
+        """Settings for runs of a few thousand steps (the demo, the tests): a faster learning
+        rate, and a sparsity controller that settles within hundreds of steps rather than
+        tens of thousands."""
+        fast = dict(lr=3e-3, lambda_init=0.1, eta=0.005, l0_ema_momentum=0.99)
+        return cls(steps=steps, **(fast | overrides))
+
     def validate(self) -> None:
         for name in ("steps", "batch_size", "dead_after", "scale_tokens"):
             if getattr(self, name) <= 0:

@@ -28,16 +28,8 @@ EVAL_TOKENS = 65536
 
 def demo_config(steps: int = DEMO_STEPS, progress: bool = True, seed: int = 0) -> RunConfig:
     model = HSAEConfig(sizes=(32, 64, 128, 256), target_l0=8, update_every=max(1, steps // 10))
-    train = TrainConfig(
-        steps=steps,
-        lr=3e-3,
-        lambda_init=0.1,
-        eta=0.005,
-        l0_ema_momentum=0.99,
-        dead_after=200,
-        checkpoint_every=0,
-        progress=progress,
-        seed=seed,
+    train = TrainConfig.short_run(
+        steps, dead_after=200, checkpoint_every=0, progress=progress, seed=seed
     )
     return RunConfig(model=model, train=train)
 

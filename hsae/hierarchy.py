@@ -19,19 +19,12 @@ from torch import Tensor
 
 from hsae import distributed
 from hsae.config import HSAEConfig
-from hsae.model import HSAE
+from hsae.model import HSAE, has_children
 
 
 def unlinked(sizes: tuple[int, ...], device: torch.device | str = "cpu") -> list[Tensor]:
     """A hierarchy with no links: early training, before the first update."""
     return [torch.full((n,), -1, dtype=torch.long, device=device) for n in sizes[1:]]
-
-
-def has_children(parent: Tensor, n_parents: int) -> Tensor:
-    """[n_parents] bool: C(l, i) is not empty."""
-    out = torch.zeros(n_parents, dtype=torch.bool, device=parent.device)
-    out[parent[parent >= 0]] = True
-    return out
 
 
 def children_lists(parent: Tensor, n_parents: int) -> list[list[int]]:

@@ -127,17 +127,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+@contextlib.contextmanager
+def replaced_file(path: PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write; once the block succeeds it replaces
+    ``path`` in one rename. On an error nothing is left behind and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # `--json runs/new/report.json` just works
     with _temp_beside(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old content or the new, never a mix."""
+    with replaced_file(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def replaced_directory(directory: PathLike) -> Iterator[Path]:
+    """Yield a new empty directory beside ``directory`` to fill; once the block succeeds
+    it is swapped in for ``directory`` (an old one is removed). On an error it is deleted
+    and ``directory`` is untouched. Callers check first that replacing is allowed."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = _make_sibling_dir(directory, ".tmp")
+    try:
+        yield staging
+        _swap_in(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _json_default(obj: Any) -> Any:
@@ -276,17 +299,11 @@ def save_trained(
     }
     texts = {"hsae.json": to_json_text(header), "hierarchy.json": _hierarchy_text(parent_lists)}
     _refuse_foreign_directory(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = _make_sibling_dir(directory, ".tmp")
-    try:
+    with replaced_directory(directory) as staging:
         for name, text in texts.items():
             atomic_write_bytes(staging / name, text.encode("utf-8"))
         for index, level in enumerate(levels):
             _write_level(staging / f"level_{index}", level, index, len(levels), scale, sae_metadata)
-        _swap_in(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _check_scale(directory: Path, scale: float) -> float:

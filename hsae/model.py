@@ -139,6 +139,14 @@ def _unit_rows(w: Tensor) -> Tensor:
     return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
+def has_children(parent: Tensor, n_parents: int) -> Tensor:
+    """[n_parents] bool: C(l, i) is not empty. Counts by index_add: no data-dependent size,
+    so no host sync on a GPU (the training step calls it)."""
+    counts = torch.zeros(n_parents, dtype=torch.int32, device=parent.device)
+    counts.index_add_(0, parent.clamp(min=0), (parent >= 0).to(torch.int32))
+    return counts > 0
+
+
 # ---------------------------------------------------------------- perturbation (section 3.2)
 
 
@@ -192,9 +200,7 @@ def pc_loss(
     so training passes live_c = pi > theta - eps/2; None takes every entry (exact gradient
     for any a_c)."""
     n_p = a_p.shape[1]
-    has_children = torch.zeros(n_p, dtype=a_p.dtype, device=a_p.device)
-    has_children[parent[parent >= 0]] = 1.0
-    parent_term = (a_p.pow(2) @ has_children).sum()
+    parent_term = (a_p.pow(2) @ has_children(parent, n_p).to(a_p.dtype)).sum()
     live = torch.ones_like(a_c, dtype=torch.bool) if live_c is None else live_c
     tok, child = live.nonzero(as_tuple=True)
     par = parent[child]
@@ -225,9 +231,7 @@ def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent
     child = (parent >= 0).nonzero().squeeze(1)
     f_c = a_c[:, child].unsqueeze(2) * dec_c[child].unsqueeze(0)
     child_sum = torch.zeros_like(f_p).index_add(1, parent[child], f_c)
-    has_children = torch.zeros(a_p.shape[1], dtype=torch.bool, device=a_p.device)
-    has_children[parent[child]] = True
-    diff = (f_p - child_sum)[:, has_children]
+    diff = (f_p - child_sum)[:, has_children(parent, a_p.shape[1])]
     return diff.pow(2).sum((1, 2)).mean()
 
 

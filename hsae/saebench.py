@@ -231,14 +231,10 @@ def core_eval(
         result = {"unique_id": f"{name}_{sae_id}", "sae_set": name, "sae_id": sae_id,
                   "eval_cfg": config, "metrics": metrics, "feature_metrics": features}  # fmt: skip
         cleaned = core.replace_nans_with_negative_one(result)
-        path = Path(general_utils.get_results_filepath(str(out_dir), name, sae_id))
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:  # written beside the target, then renamed: never a half-written file
+        path = general_utils.get_results_filepath(str(out_dir), name, sae_id)
+        with io.replaced_file(path) as tmp:  # never a half-written file
             core.save_single_eval_result(cleaned, eval_id, lens_version, bench_version, str(tmp),
                                          sae)  # fmt: skip
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         results[name] = core.replace_nans_with_negative_one(metrics)
     return results
 

@@ -32,7 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.model import HSAE, JumpReLU, LossInputs, LossOutput, Step, ghost_grad_loss
+from hsae.model import (
+    HSAE,
+    JumpReLU,
+    LossInputs,
+    LossOutput,
+    Step,
+    ghost_grad_loss,
+    has_children,
+)
 
 
 @dataclass
@@ -221,10 +229,7 @@ def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor)
     The gradients then equal the dense formula's up to a radial part in each decoder row,
     which training drops anyway (HSAE.project_decoder_grads)."""
     linked = parent >= 0
-    has_children = torch.zeros(p.n, device=parent.device).index_add_(
-        0, parent.clamp(min=0), linked.float()
-    )
-    parent_term = (p.act.pow(2) * (has_children[p.feat] > 0)).sum()
+    parent_term = (p.act.pow(2) * has_children(parent, p.n)[p.feat]).sum()
     par = parent.clamp(min=0)[c.feat]
     a_c = c.act * linked[c.feat]
     key = c.tok * p.n + par  # (token, parent) of each child entry
@@ -287,12 +292,13 @@ def hsae_loss_live(
     total, l0s, fves, mses, pcs = x.new_zeros(()), [], [], [], []
     for level, live in enumerate(lives):
         recon = decode_live(model, live, level)
-        fves.append(1 - (recon - x).pow(2).sum(-1).mean().detach() / total_var)
+        mse = (recon - x).pow(2).sum(-1)
+        fves.append(1 - mse.mean().detach() / total_var)  # of the unperturbed reconstruction
         m = inp.substitution[level] if level < model.n_levels - 1 else None
         if m is not None:
             delta = substitution_delta(model, live, lives[level + 1], level, inp.parents[level], m)
             recon = recon + delta
-        mse = (recon - x).pow(2).sum(-1)
+            mse = (recon - x).pow(2).sum(-1)
         theta = model.threshold[level]
         theta_e = theta.index_select(0, live.feat)
         l0 = Step.apply(live.pre, theta_e, model.bandwidth).sum() / x.shape[0]

@@ -57,13 +57,9 @@ def run_config(seed: int = 0) -> RunConfig:
             unassigned_quantile=0.0,
             update_every=steps // 10,
         ),
-        train=TrainConfig(
-            steps=steps,
+        train=TrainConfig.short_run(
+            steps,
             batch_size=512,
-            lr=3e-3,
-            lambda_init=0.1,
-            eta=0.005,
-            l0_ema_momentum=0.99,
             dead_after=200,
             checkpoint_every=500,
             scale_tokens=8192,

@@ -33,19 +33,14 @@ def tiny_cfg(steps: int = 50, checkpoint_every: int = 0, train=None, **model) ->
     a checkpoint has to carry."""
     model_kw = dict(sizes=(8, 16, 32), target_l0=3, update_every=10) | model
     train_kw = dict(
-        steps=steps,
         batch_size=128,
-        lr=3e-3,
-        lambda_init=0.1,
-        l0_ema_momentum=0.99,
-        eta=0.005,
         dead_after=10,
         checkpoint_every=checkpoint_every,
         scale_tokens=1024,
         progress=False,
         seed=1,
     ) | (train or {})
-    return RunConfig(model=HSAEConfig(**model_kw), train=TrainConfig(**train_kw))
+    return RunConfig(model=HSAEConfig(**model_kw), train=TrainConfig.short_run(steps, **train_kw))
 
 
 def tiny_source():

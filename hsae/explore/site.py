@@ -29,7 +29,6 @@ import functools
 import http.server
 import json
 import math
-import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 
 from hsae import pipeline
 from hsae.explore.contexts import ContextStore, LevelContexts
-from hsae.io import FormatError, _make_sibling_dir, _swap_in, load_json
+from hsae.io import FormatError, load_json, replaced_directory, to_json_text
 
 SITE_FORMAT = "hsae-site/1"
 CHUNK = 128
@@ -251,17 +250,11 @@ def build_site(
     labels = load_labels(labels_path, store.sizes) if labels_path else {}
     index = token_index(store)
     n_shards = max(1, min(256, math.ceil(len(index) / 1000)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _make_sibling_dir(out, ".tmp")
-    try:
+    with replaced_directory(out) as staging:
         _write_site(staging, parents, store, labels, index, n_shards, progress)
         source = {"model": str(model_dir), "contexts": str(contexts_dir), "labels": labels_path}
         info = {"format": SITE_FORMAT, "sizes": store.sizes, **source, "tokens": len(index)}
-        (staging / "site.json").write_text(json.dumps(info, default=str, indent=2) + "\n")
-        _swap_in(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        (staging / "site.json").write_text(to_json_text(info))
     return out
 
 
