@@ -207,6 +207,10 @@ ROWS = [
     ("Hamming (lower better)", "hamming", "{:.3f}"),
     ("P(p|c)", "p_parent_given_child", "{:.3f}"),
     ("P(c|p)", "p_child_given_parent", "{:.3f}"),
+    ("copy share of links", "copy_share", "{:.3f}"),
+    ("Hamming, non-copy links", "noncopy.hamming", "{:.3f}"),
+    ("P(p|c), non-copy links", "noncopy.p_parent_given_child", "{:.3f}"),
+    ("P(c|p), non-copy links", "noncopy.p_child_given_parent", "{:.3f}"),
     ("recovered per level", "recovered", "{:d}"),
     ("edge precision", "edge_precision", "{:.3f}"),
     ("recall of true edges", "recall", "{:.3f}"),
@@ -214,16 +218,25 @@ ROWS = [
 ]
 
 
+def _lookup(report: dict, dotted: str):
+    """report["a"]["b"] for "a.b"; None where a part is missing."""
+    for part in dotted.split("."):
+        if not isinstance(report, dict) or part not in report:
+            return None
+        report = report[part]
+    return report
+
+
 def format_report(reports: dict[str, dict]) -> str:
     names = list(reports)
     width = max(24, *(len(label) for label, _, _ in ROWS))
     lines = [f"{'':{width}}  " + "  ".join(f"{n:>26}" for n in names)]
     for label, key, fmt in ROWS:
-        if not all(key in r for r in reports.values()):
+        values = [_lookup(r, key) for r in reports.values()]
+        if any(v is None for v in values):
             continue
         cells = []
-        for r in reports.values():
-            value = r[key]
+        for value in values:
             text = (
                 " ".join(fmt.format(v) for v in value)
                 if isinstance(value, list)

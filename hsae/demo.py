@@ -4,9 +4,8 @@ Builds a planted forest (DESIGN section 7), trains HSAE and the post-hoc baselin
 same stream with the same budget, evaluates both on held-out draws, prints a side-by-side
 table and writes `report.json` and the two model directories.
 
-The demo is the paper's method at a CPU-sized scale: four levels, a short run. The
-sparsity controller's EMA momentum and decay rate are scaled to the run's length (the
-paper's 0.999 and 0.001 suit ~100k steps, the demo takes a few thousand).
+The demo is the paper's method at a CPU-sized scale: four levels, a short run, with the
+training defaults of every run (the controller scales itself to the run's length).
 """
 
 from __future__ import annotations
@@ -28,9 +27,7 @@ EVAL_TOKENS = 65536
 
 def demo_config(steps: int = DEMO_STEPS, progress: bool = True, seed: int = 0) -> RunConfig:
     model = HSAEConfig(sizes=(32, 64, 128, 256), target_l0=8, update_every=max(1, steps // 10))
-    train = TrainConfig.short_run(
-        steps, dead_after=200, checkpoint_every=0, progress=progress, seed=seed
-    )
+    train = TrainConfig(steps=steps, checkpoint_every=0, progress=progress, seed=seed)
     return RunConfig(model=model, train=train)
 
 

@@ -39,6 +39,20 @@ Per level pair (l, l+1):
 - Either probability is NaN when no edge qualifies (no assigned edge, or none with
   the conditioning feature ever active).
 
+Copies (a link that joins one feature learned twice, not a refinement):
+- an assigned edge (c -> p) is a **copy** when its decoder rows point the same way,
+  cos(d_c, d_p) >= COPY_COSINE, *and* the two fire on nearly the same tokens,
+  Jaccard = #(c and p) / #(c or p) >= COPY_JACCARD. Both are needed: a child whose
+  direction is its parent's plus a small offset has a high cosine but fires on a subset
+  (low Jaccard); two features that always fire together with unrelated directions are
+  not one feature. A copy scores Hamming 0 and P(p|c) = P(c|p) = 1, so the paper's
+  measures cannot tell it from a refinement.
+- **copy share** of a pair: copies / assigned edges (NaN without edges); needs the
+  decoder rows (``decoders``), else NaN.
+- ``p_parent_given_child_noncopy`` and ``p_child_given_parent_noncopy``: the same means
+  over non-copy edges only. (Hamming over non-copy links needs a second pass with the
+  copies unassigned: :func:`evaluate_with_copies`.)
+
 Summaries over pairs (``hamming``, ``p_parent_given_child``, ``p_child_given_parent``
 at the top level of :func:`evaluate`) are plain means over level pairs that ignore
 NaN entries; NaN if every entry is NaN or there are no pairs. Results hold plain
@@ -48,17 +62,23 @@ Python floats/ints/lists, so ``json.dumps`` accepts them (NaN is written as ``Na
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+COPY_COSINE = 0.9
+COPY_JACCARD = 0.8
+
 __all__ = [
+    "COPY_COSINE",
+    "COPY_JACCARD",
     "Evaluator",
     "LevelStats",
     "PairStats",
     "TreeStats",
     "evaluate",
+    "evaluate_with_copies",
     "nanmean",
 ]
 
@@ -182,7 +202,14 @@ class PairStats:
     result is exact whatever the batching.
     """
 
-    def __init__(self, parents: Tensor | Sequence[int], n_parents: int) -> None:
+    def __init__(
+        self,
+        parents: Tensor | Sequence[int],
+        n_parents: int,
+        edge_cosine: Tensor | None = None,
+    ) -> None:
+        """``edge_cosine``: [n_children] cos(d_c, d_parent(c)) (any value where unassigned);
+        without it the copy measures are NaN."""
         p = _as_parents(parents)
         _check_parents(p, n_parents)
         self.n_parents = n_parents
@@ -192,6 +219,9 @@ class PairStats:
         self._edge_parent = p[self._edge_child]
         self._has_children = torch.zeros(n_parents, dtype=torch.bool)
         self._has_children[self._edge_parent] = True
+        self._edge_cosine = None
+        if edge_cosine is not None:
+            self._edge_cosine = edge_cosine.detach().cpu().double()[self._edge_child]
         self._mismatch_total: Tensor | None = None
         self._both: Tensor | None = None
         self._child_count: Tensor | None = None
@@ -266,7 +296,41 @@ class PairStats:
         parent_count = self._parent_count[self._edge_parent]
         out["p_parent_given_child"] = _mean_ratio(self._both, child_count)
         out["p_child_given_parent"] = _mean_ratio(self._both, parent_count)
+        copies = self.copy_edges()
+        if copies is not None:
+            keep = ~copies.to(self._both.device)
+            out["n_copies"] = int(copies.sum())
+            out["copy_share"] = int(copies.sum()) / self.n_edges if self.n_edges else math.nan
+            out["p_parent_given_child_noncopy"] = _mean_ratio(
+                self._both[keep], child_count[keep]
+            )
+            out["p_child_given_parent_noncopy"] = _mean_ratio(
+                self._both[keep], parent_count[keep]
+            )
         return out
+
+    def copy_edges(self) -> Tensor | None:
+        """[n_edges] bool (edges in child order): which assigned edges are copies (module
+        doc); None without decoder cosines."""
+        if self._edge_cosine is None:
+            return None
+        if self.n_tokens == 0:
+            return torch.zeros(self.n_edges, dtype=torch.bool)
+        both = self._both.cpu().double()
+        either = (
+            self._child_count[self._edge_child] + self._parent_count[self._edge_parent]
+        ).cpu().double() - both
+        jaccard = torch.where(either > 0, both / either.clamp(min=1), torch.zeros_like(both))
+        return (self._edge_cosine >= COPY_COSINE) & (jaccard >= COPY_JACCARD)
+
+    def parents_without_copies(self) -> Tensor:
+        """The parent array with every copy edge unassigned (-1)."""
+        parents = torch.full((self.n_children,), -1, dtype=torch.long)
+        parents[self._edge_child.cpu()] = self._edge_parent.cpu()
+        copies = self.copy_edges()
+        if copies is not None:
+            parents[self._edge_child.cpu()[copies]] = -1
+        return parents
 
 
 def _mean_ratio(num: Tensor, den: Tensor) -> float:
@@ -372,11 +436,21 @@ class Evaluator:
     ``n_features`` are the level sizes n_0..n_{L-1}; ``parents`` has length L - 1.
     """
 
-    def __init__(self, parents: Sequence[Tensor | Sequence[int]], n_features: Sequence[int]):
+    def __init__(
+        self,
+        parents: Sequence[Tensor | Sequence[int]],
+        n_features: Sequence[int],
+        decoders: Sequence[Tensor] | None = None,
+    ):
+        """``decoders``: the [n_l, d] decoder rows of every level, for the copy measures."""
         self.tree = TreeStats(parents, n_features)
         sizes = self.tree.n_features
         self.levels = [LevelStats(n) for n in sizes]
-        self.pairs = [PairStats(p, sizes[lvl]) for lvl, p in enumerate(self.tree.parents)]
+        cosines = edge_cosines(decoders, self.tree.parents) if decoders is not None else None
+        self.pairs = [
+            PairStats(p, sizes[lvl], None if cosines is None else cosines[lvl])
+            for lvl, p in enumerate(self.tree.parents)
+        ]
 
     def update(self, x: Tensor, acts: Sequence[Tensor], recons: Sequence[Tensor]) -> None:
         """Add one batch: x [B, d], one [B, n_l] activation and one [B, d]
@@ -403,14 +477,66 @@ class Evaluator:
             "hamming": nanmean(p["hamming"] for p in pairs),
             "p_parent_given_child": nanmean(p["p_parent_given_child"] for p in pairs),
             "p_child_given_parent": nanmean(p["p_child_given_parent"] for p in pairs),
+            "copy_share": _copy_share(pairs),
             "tree": self.tree.result(),
         }
+
+    def parents_without_copies(self) -> list[Tensor]:
+        return [pair.parents_without_copies() for pair in self.pairs]
+
+
+def edge_cosines(decoders: Sequence[Tensor], parents: Sequence[Tensor]) -> list[Tensor]:
+    """Per level pair, cos(d_c, d_parent(c)) for every child c (0 where unassigned)."""
+    out = []
+    for lvl, p in enumerate(parents):
+        dec_p, dec_c = (_unit(decoders[k].detach().float().cpu()) for k in (lvl, lvl + 1))
+        p = p.cpu()
+        cos = (dec_c * dec_p[p.clamp(min=0)]).sum(-1)
+        out.append(torch.where(p >= 0, cos, torch.zeros_like(cos)))
+    return out
+
+
+def _unit(w: Tensor) -> Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+def _copy_share(pairs: list[dict]) -> float:
+    """Copies over assigned edges, all level pairs together (NaN without copy measures)."""
+    if not pairs or "n_copies" not in pairs[0]:
+        return math.nan
+    edges = sum(p["n_edges"] for p in pairs)
+    return sum(p["n_copies"] for p in pairs) / edges if edges else math.nan
+
+
+def evaluate_with_copies(
+    make_batches: Callable[[], Iterable[Batch]],
+    parents: Sequence[Tensor | Sequence[int]],
+    n_features: Sequence[int],
+    decoders: Sequence[Tensor],
+) -> dict[str, object]:
+    """:func:`evaluate` with the copy measures, plus ``noncopy``: the paper's three measures
+    over non-copy links. Which links are copies is known only after a pass over the tokens,
+    so ``make_batches()`` is called twice and must give the same tokens both times."""
+    evaluator = Evaluator(parents, n_features, decoders)
+    for x, acts, recons in make_batches():
+        evaluator.update(x, acts, recons)
+    report = evaluator.result()
+    kept = evaluator.parents_without_copies()
+    rerun = evaluate(make_batches(), kept, n_features)
+    report["noncopy"] = {
+        "hamming": rerun["hamming"],
+        "p_parent_given_child": rerun["p_parent_given_child"],
+        "p_child_given_parent": rerun["p_child_given_parent"],
+        "n_edges": [int((p >= 0).sum()) for p in kept],
+    }
+    return report
 
 
 def evaluate(
     batches: Iterable[Batch],
     parents: Sequence[Tensor | Sequence[int]],
     n_features: Sequence[int] | None = None,
+    decoders: Sequence[Tensor] | None = None,
 ) -> dict[str, object]:
     """Stream ``batches`` of ``(x, acts, recons)`` through every measure.
 
@@ -429,10 +555,10 @@ def evaluate(
     for x, acts, recons in batches:
         if evaluator is None:
             sizes = n_features if n_features is not None else [a.shape[1] for a in acts]
-            evaluator = Evaluator(parents, sizes)
+            evaluator = Evaluator(parents, sizes, decoders)
         evaluator.update(x, acts, recons)
     if evaluator is None:
         if n_features is None:
             raise ValueError("no batches to evaluate and no n_features given")
-        evaluator = Evaluator(parents, n_features)
+        evaluator = Evaluator(parents, n_features, decoders)
     return evaluator.result()

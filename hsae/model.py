@@ -117,7 +117,9 @@ class HSAE(nn.Module):
             pre = self.pre_acts(x, level)
             q = 1.0 - target_l0 / n
             theta = torch.quantile(pre, q, dim=0)
-            self.threshold[level].copy_(theta.clamp(min=max(THRESHOLD_FLOOR, self.bandwidth)))
+            # at least eps/2: the window below theta then holds positive pre-activations only
+            floor = max(THRESHOLD_FLOOR, self.bandwidth / 2)
+            self.threshold[level].copy_(theta.clamp(min=floor))
 
     @torch.no_grad()
     def project_decoder_grads(self) -> None:

@@ -20,7 +20,7 @@ from hsae.data.extract import check_layer, extract, load_lm, skip_texts
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
 from hsae.data.streams import Stream, cache_stream, npy_stream, planted_heldout, planted_stream
 from hsae.data.text import text_source
-from hsae.metrics import evaluate
+from hsae.metrics import evaluate_with_copies
 from hsae.model import HSAE
 from hsae.splice import splice_eval
 from hsae.train import Trainer, TrainResult
@@ -216,7 +216,8 @@ def evaluate_model(
             acts = model.encode(x)
             yield x, acts, [model.decode(a, level) for level, a in enumerate(acts)]
 
-    report = evaluate(batches(), parents, list(model.sizes))
+    decoders = [w.detach() for w in model.W_dec]
+    report = evaluate_with_copies(batches, parents, list(model.sizes), decoders)
     if source.forest is not None:
         truth = score_against_truth(source.forest, [w.detach() for w in model.W_dec], parents)
         report["truth"] = {k: v for k, v in truth.items() if k != "matches"}

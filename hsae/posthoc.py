@@ -55,6 +55,16 @@ def build_posthoc(
 ) -> tuple[HSAE, list[torch.Tensor]]:
     """The SAEs as the levels of one model (scale 1) and the post-hoc parent arrays."""
     levels = [read_sae_lens(d) for d in directories]
+    return link_levels(levels, similarity, tree, unassigned_quantile)
+
+
+def link_levels(
+    levels: list[LevelWeights],
+    similarity: str = "encoder",
+    tree: str = "partial",
+    unassigned_quantile: float = 0.2,
+) -> tuple[HSAE, list[torch.Tensor]]:
+    """SAE levels on raw activations as one model (scale 1) and its post-hoc parent arrays."""
     sizes = tuple(int(level.W_enc.shape[1]) for level in levels)
     widths = {int(level.W_enc.shape[0]) for level in levels}
     if len(widths) != 1:

@@ -282,11 +282,10 @@ def capacity_for(batch: int, n: int, target_l0: float) -> int:
     return batch * min(n, int(4 * target_l0) + 64)
 
 
-def hsae_loss_live(
-    model: HSAE, x: Tensor, inp: LossInputs, capacity: list[int] | None = None
-) -> LossOutput:
-    """L_HSAE on one batch (as :func:`hsae.model.hsae_loss_dense`), over live entries."""
-    caps = capacity or [None] * model.n_levels
+def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
+    """L_HSAE on one batch (as :func:`hsae.model.hsae_loss_dense`), over live entries, in
+    lists of ``inp.capacity`` entries per level when given (GPU, no sync)."""
+    caps = inp.capacity or [None] * model.n_levels
     lives = [encode_live(model, x, level, caps[level]) for level in range(model.n_levels)]
     total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
     total, l0s, fves, mses, pcs = x.new_zeros(()), [], [], [], []

@@ -103,16 +103,11 @@ class Trainer:
         self.device = distributed.resolve_device(t.device)
         self.model = HSAE(d_in, m.sizes, m.bandwidth, seed=t.seed).to(self.device)
         self.hierarchy = Hierarchy(m, self.device)
+        eta, momentum, lambda_step = t.controller_constants()
         self.controller = SparsityController(
-            len(m.sizes),
-            m.target_l0,
-            t.eta,
-            t.l0_ema_momentum,
-            t.lambda_init,
-            t.lambda_step,
-            self.device,
+            len(m.sizes), m.target_l0, eta, momentum, t.lambda_init, lambda_step, self.device
         )
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2))
+        self.opt = torch.optim.Adam(self.param_groups(), betas=(t.beta1, t.beta2))
         self.module: torch.nn.Module = self.model  # wrapped in DDP once initialised
         self.since_fired = [torch.zeros(n, dtype=torch.long, device=self.device) for n in m.sizes]
         self.step = 0
@@ -122,6 +117,18 @@ class Trainer:
         if self.device.type == "cuda":
             rows = math.ceil(t.batch_size / distributed.world_size())
             self.live_capacity = [capacity_for(rows, n, m.target_l0) for n in m.sizes]
+
+    def param_groups(self) -> list[dict]:
+        """The thresholds at threshold_lr, every other parameter at lr scaled to the run's
+        length (TrainConfig.scaled_lr)."""
+        t = self.cfg.train
+        thresholds = list(self.model.threshold)
+        chosen = {id(p) for p in thresholds}
+        rest = [p for p in self.model.parameters() if id(p) not in chosen]
+        return [
+            {"params": rest, "base_lr": t.scaled_lr()},
+            {"params": thresholds, "base_lr": t.threshold_lr},
+        ]
 
     # ------------------------------------------------------------ set-up and checkpoints
 
@@ -221,7 +228,7 @@ class Trainer:
         t = self.cfg.train
         x = x_raw.to(self.device, non_blocking=True).float() * self.model.scale
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, t.lr, t.steps, t.warmup_frac)
+            group["lr"] = lr_at(self.step, group["base_lr"], t.steps, t.warmup_frac)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=t.autocast):
             out = self.module(x, self.loss_inputs())
         self.opt.zero_grad(set_to_none=True)

@@ -8,7 +8,15 @@ import math
 import pytest
 import torch
 
-from hsae.metrics import Evaluator, LevelStats, PairStats, TreeStats, evaluate, nanmean
+from hsae.metrics import (
+    Evaluator,
+    LevelStats,
+    PairStats,
+    TreeStats,
+    evaluate,
+    evaluate_with_copies,
+    nanmean,
+)
 
 
 def t(rows: list[list[float]]) -> torch.Tensor:
@@ -245,3 +253,48 @@ def test_single_level_and_nanmean() -> None:
         evaluate([], [])
     ev = Evaluator([], [3])
     assert ev.result()["n_tokens"] == 0
+
+
+# ----------------------------------------------------------------------------- copies
+
+
+def test_copy_measures_on_a_hand_built_pair() -> None:
+    """Parents p0 (tokens 0-3) and p1 (tokens 4-7); children c0 -> p0 fires on p0's tokens
+    along p0's direction (a copy: cos 1, Jaccard 1), c1 -> p0 fires on tokens 0-1 along
+    another direction (cos 0), c2 -> p1 fires on tokens 4-5 along p1's direction (cos 1,
+    Jaccard 0.5: a refinement, not a copy). By hand:
+    copy share 1/3; P(c|p) 2/3 over all links, (1/2 + 1/2)/2 = 1/2 over non-copy links;
+    P(p|c) 1 either way; Hamming 2/8 (p1 misses children on tokens 6, 7) over all links,
+    4/8 over non-copy links (p0 without its copy also misses tokens 2, 3)."""
+    on = lambda tokens: torch.tensor([1.0 if t in tokens else 0.0 for t in range(8)])  # noqa: E731
+    parent_acts = torch.stack([on({0, 1, 2, 3}), on({4, 5, 6, 7})], dim=1)
+    child_acts = torch.stack([on({0, 1, 2, 3}), on({0, 1}), on({4, 5})], dim=1)
+    eye = torch.eye(3)
+    decoders = [eye[:2], torch.stack([eye[0], eye[2], eye[1]])]
+    parents = [torch.tensor([0, 0, 1])]
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+
+    def batches():
+        yield x, [parent_acts, child_acts], [x, x]
+
+    report = evaluate_with_copies(batches, parents, [2, 3], decoders)
+    pair = report["pairs"][0]
+    assert pair["n_copies"] == 1
+    assert report["copy_share"] == pytest.approx(1 / 3)
+    assert pair["p_child_given_parent"] == pytest.approx(2 / 3)
+    assert pair["p_child_given_parent_noncopy"] == pytest.approx(1 / 2)
+    assert pair["p_parent_given_child_noncopy"] == pytest.approx(1.0)
+    assert report["hamming"] == pytest.approx(2 / 8)
+    assert report["noncopy"]["hamming"] == pytest.approx(4 / 8)
+    assert report["noncopy"]["p_child_given_parent"] == pytest.approx(1 / 2)
+    assert report["noncopy"]["n_edges"] == [2]
+
+
+def test_high_cosine_alone_or_jaccard_alone_is_not_a_copy() -> None:
+    """cos 1 with Jaccard 0.5, and Jaccard 1 with cos 0: neither is a copy."""
+    both = torch.ones(4, 1)
+    half = torch.tensor([[1.0], [1.0], [0.0], [0.0]])
+    stats = PairStats(torch.tensor([0, 0]), 1, edge_cosine=torch.tensor([1.0, 0.0]))
+    stats.update(both, torch.cat([half, both], dim=1))
+    assert stats.result()["n_copies"] == 0
+    assert stats.result()["copy_share"] == 0.0

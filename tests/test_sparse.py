@@ -54,8 +54,8 @@ def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead) -> None
     x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5)) * 1.5
     inp = _inputs(model, rho=rho, dead=dead)
     dense, g_dense = _loss_and_grads(model, x, inp, hsae_loss_dense)
-    capacity = [48 * n for n in model.sizes] if sync_free else None
-    live, g_live = _loss_and_grads(model, x, inp, hsae_loss_live, capacity=capacity)
+    inp.capacity = [48 * n for n in model.sizes] if sync_free else None
+    live, g_live = _loss_and_grads(model, x, inp, hsae_loss_live)
     # the window below theta holds entries: theta's straight-through gradient is exercised
     pre = model.pre_acts(x, 1)
     in_window = (pre > model.threshold[1] - 0.1) & (pre <= model.threshold[1])

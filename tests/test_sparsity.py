@@ -173,3 +173,25 @@ def test_l0_decreases_when_lambda_increases(small_forest, tmp_path) -> None:
         seq = [l0[level] for l0 in l0s]
         for lo, hi in zip(seq[:-1], seq[1:], strict=True):
             assert hi < 0.9 * lo, (level, seq)
+
+
+# ----- the default controller hits its target at any run length ---------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps", [1_000, 20_000])
+def test_default_controller_reaches_target_l0(small_forest, tmp_path, steps) -> None:
+    """Every default but sizes, target and length: held-out L0 within 10 % of the target on
+    every level, for a short and a long run (the controller scales with the run's length,
+    TrainConfig.controller_constants). Small batches keep the 20k-step run to seconds."""
+    target = 4.0
+    cfg = RunConfig(
+        model=HSAEConfig(sizes=(16, 32, 64), target_l0=target),
+        train=TrainConfig(steps=steps, batch_size=64, checkpoint_every=0, progress=False),
+    )
+    trainer = Trainer(cfg, 16, planted_stream(small_forest, 64, seed=1), tmp_path)
+    trainer.fit()
+    x = small_forest.sample(8192, torch.Generator().manual_seed(99))[0] * trainer.model.scale
+    with torch.no_grad():
+        l0 = [(a > 0).sum(-1).float().mean().item() for a in trainer.model.encode(x)]
+    assert all(abs(v - target) <= 0.1 * target for v in l0), l0

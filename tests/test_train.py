@@ -40,7 +40,7 @@ def tiny_cfg(steps: int = 50, checkpoint_every: int = 0, train=None, **model) ->
         progress=False,
         seed=1,
     ) | (train or {})
-    return RunConfig(model=HSAEConfig(**model_kw), train=TrainConfig.short_run(steps, **train_kw))
+    return RunConfig(model=HSAEConfig(**model_kw), train=TrainConfig(steps=steps, **train_kw))
 
 
 def tiny_source():
@@ -431,3 +431,27 @@ def test_unknown_device_is_a_clear_error(tmp_path):
         pytest.skip("this machine has 8 GPUs")
     with pytest.raises(ValueError, match="no CUDA GPU|invalid"):
         pipeline.train(cfg, tiny_source(), tmp_path)
+
+
+# ---------------------------------------------------------------- the GPU's fixed capacity
+
+
+def test_fixed_capacity_reaches_the_loss_through_the_trainer(tmp_path):
+    """A GPU trains over fixed-size entry lists (no host sync). Forced on the CPU: with
+    room for every entry the run equals the exact one; with too little room the entries
+    beyond it are counted and a warning names them."""
+    cfg = tiny_cfg(30)
+    exact = make_trainer(cfg, tmp_path / "exact")
+    exact.fit()
+    roomy = make_trainer(cfg, tmp_path / "roomy")
+    roomy.live_capacity = [128 * n for n in cfg.model.sizes]  # every entry of a batch
+    roomy.fit()
+    for a, b in zip(exact.model.parameters(), roomy.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert int(roomy.dropped) == 0
+
+    tight = make_trainer(cfg, tmp_path / "tight")
+    tight.live_capacity = [64] * len(cfg.model.sizes)  # L0 ~ 3 of 128 rows: ~384 entries
+    with pytest.warns(UserWarning, match="live entries did not fit the GPU capacity"):
+        tight.fit()
+    assert not torch.allclose(exact.model.W_enc[0], tight.model.W_enc[0], atol=1e-5)
