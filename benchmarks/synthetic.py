@@ -118,11 +118,15 @@ def draw_rows(model, n: int) -> Tensor:
 # ---------------------------------------------------------------- the methods
 
 
-def train_hsae(rows: Tensor, size: Size, seed: int, baseline: bool) -> tuple[HSAE, list]:
-    model_cfg = HSAEConfig(sizes=size.levels, target_l0=size.target_l0)
+def train_hsae(
+    rows: Tensor, size: Size, seed: int, baseline: bool, progress: bool = False
+) -> tuple[HSAE, list]:
+    # the paper links every 5,000 of 100k steps: the same share of this run
+    every = max(1, size.steps // 20)
+    model_cfg = HSAEConfig(sizes=size.levels, target_l0=size.target_l0, update_every=every)
     cfg = RunConfig(
         model=model_cfg.baseline() if baseline else model_cfg,
-        train=TrainConfig(steps=size.steps, seed=seed, checkpoint_every=0, progress=False),
+        train=TrainConfig(steps=size.steps, seed=seed, checkpoint_every=0, progress=progress),
     )
     trainer = Trainer(cfg, rows.shape[1], row_stream(rows), "/tmp/hsae-synthetic")
     result = trainer.fit()
@@ -272,6 +276,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the size's own")
     parser.add_argument("--methods", nargs="+", default=["hsae", "baseline", "saelens"])
     parser.add_argument("--json", default=None, help="also write every report here")
+    parser.add_argument("--progress", action="store_true", help="hsae's progress bars")
     args = parser.parse_args()
     size = SIZES[args.size]
     if args.steps:
@@ -293,7 +298,8 @@ def main() -> None:
             if method == "saelens":
                 model, parents = train_sae_lens(train_rows, size, seed)
             else:
-                model, parents = train_hsae(train_rows, size, seed, method == "baseline")
+                baseline = method == "baseline"
+                model, parents = train_hsae(train_rows, size, seed, baseline, args.progress)
             seconds = time.perf_counter() - started
             report = measure(model, parents, eval_rows, gt, truth) | {"seconds": seconds}
             reports[f"{method}/{seed}"] = report

@@ -11,6 +11,14 @@ rate (dense cost: 12 d sum(n) FLOP per token) and peak RSS.
 
     python benchmarks/train_speed.py              # about 2 minutes on 2 cores
     python benchmarks/train_speed.py --steps 100  # steadier figures
+    python benchmarks/train_speed.py --quality    # time to quality, about 8 minutes
+
+Tokens/s says little unless a step learns as much. ``--quality`` measures time to
+quality on the ground-truth rows of ``benchmarks/synthetic.py``: SAE Lens trains its four
+JumpReLU SAEs for the benchmark's run and its final held-out FVE per level is the bar;
+hsae trains the same run with its defaults, and the wall time of its steps (evaluation
+excluded) until every level's held-out FVE reaches the bar is compared with SAE Lens's
+whole training time.
 """
 
 from __future__ import annotations
@@ -98,8 +106,59 @@ def interleaved_rates(steppers: dict, steps: int, batch: int, rounds: int = 4) -
     return {name: rounds * per_round * batch / s for name, s in seconds.items()}
 
 
+def time_to_quality(check_every: int = 50) -> None:
+    """SAE Lens's final FVE per level as the bar; hsae's step time until it clears it."""
+    import synthetic  # this folder's ground-truth benchmark
+
+    size = synthetic.SIZES["cpu"]
+    synth = synthetic.synthetic_model(size)
+    rows = synthetic.draw_rows(synth, size.steps * synthetic.BATCH + synthetic.EVAL_ROWS)
+    train_rows, eval_rows = rows[: -synthetic.EVAL_ROWS], rows[-synthetic.EVAL_ROWS :]
+    started = time.perf_counter()
+    lens, _ = synthetic.train_sae_lens(train_rows, size, seed=0)
+    lens_seconds = time.perf_counter() - started
+    bar = held_out_fve(lens, eval_rows)
+    cfg = RunConfig(
+        model=HSAEConfig(sizes=size.levels, target_l0=size.target_l0,
+                         update_every=max(1, size.steps // 20)),
+        train=TrainConfig(steps=size.steps, checkpoint_every=0, progress=False),
+    )  # fmt: skip
+    trainer = Trainer(cfg, size.hidden_dim, synthetic.row_stream(train_rows), "/tmp/hsae_ttq")
+    with kernel_settings(deterministic=True, device=torch.device("cpu")):
+        started = time.perf_counter()
+        trainer.init_fresh()
+        batches, seconds, reached = synthetic.row_stream(train_rows)(0), 0.0, None
+        while trainer.step < size.steps and reached is None:
+            trainer.train_step(next(batches))
+            if trainer.step % check_every == 0:
+                seconds += time.perf_counter() - started
+                fve = held_out_fve(trainer.model, eval_rows)
+                if all(f >= b for f, b in zip(fve, bar)):
+                    reached = trainer.step
+                started = time.perf_counter()
+    print(f"SAE Lens: {size.steps} steps in {lens_seconds:.0f} s, final held-out FVE "
+          + " ".join(f"{b:.3f}" for b in bar))  # fmt: skip
+    if reached is None:
+        print(f"hsae did not reach SAE Lens's FVE at every level in {size.steps} steps "
+              f"({seconds:.0f} s); its final FVE "
+              + " ".join(f"{f:.3f}" for f in held_out_fve(trainer.model, eval_rows)))  # fmt: skip
+        return
+    print(f"hsae reached it at step {reached}, after {seconds:.0f} s of training; "
+          f"time to SAE Lens's quality, hsae / SAE Lens: {seconds / lens_seconds:.2f}")
+
+
+@torch.no_grad()
+def held_out_fve(model, rows: torch.Tensor) -> list[float]:
+    x = rows * model.scale
+    total = (x - x.mean(0)).pow(2).sum()
+    acts = model.encode(x)
+    return [1 - float((model.decode(a, level) - x).pow(2).sum() / total)
+            for level, a in enumerate(acts)]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quality", action="store_true", help="time to SAE Lens's quality")
     parser.add_argument("--d", type=int, default=384)
     parser.add_argument("--sizes", default="512,1024,2048,4096")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -109,6 +168,9 @@ def main() -> None:
         "--dense", action="store_true", help="also time HSAE's dense reference kernel (slow)"
     )
     args = parser.parse_args()
+    if args.quality:
+        time_to_quality()
+        return
     sizes = tuple(int(n) for n in args.sizes.split(","))
     data = torch.randn(8, args.batch_size, args.d)
     dense_flop = 12 * args.d * sum(sizes)

@@ -212,8 +212,11 @@ ROWS = [
     ("P(p|c), non-copy links", "noncopy.p_parent_given_child", "{:.3f}"),
     ("P(c|p), non-copy links", "noncopy.p_child_given_parent", "{:.3f}"),
     ("recovered per level", "recovered", "{:d}"),
+    ("recovered by firing (F1)", "f1_recovered", "{:d}"),
     ("edge precision", "edge_precision", "{:.3f}"),
     ("recall of true edges", "recall", "{:.3f}"),
+    ("recall ceiling", "recall_ceiling", "{:.3f}"),
+    ("recall / ceiling", "recall_of_ceiling", "{:.3f}"),
     ("loss recovered per level", "loss_recovered", "{:.3f}"),
 ]
 

@@ -53,7 +53,8 @@ def run_demo(out: Path, steps: int | None = None, progress: bool = True, seed: i
         )
         reports[name]["train"] = result.summary
         if name == "hsae":
-            tree = describe_tree(result.model, result.hierarchy.parents, forest)
+            copies = [set(pair.get("copy_children", [])) for pair in reports[name]["pairs"]]
+            tree = describe_tree(result.model, result.hierarchy.parents, forest, copies)
     report = {**reports, "seconds": round(time.perf_counter() - started, 1)}
     print()
     print(format_report(reports))
@@ -84,31 +85,47 @@ def true_name(forest: PlantedForest, index: int) -> str:
     return "T" + ".".join(map(str, reversed(path)))
 
 
-def describe_tree(model: HSAE, parents: list, forest: PlantedForest, max_children: int = 4) -> str:
-    """A learned tree rooted at a match of a planted root, the one with the most features
-    that match a planted one (cosine >= 0.9); each named by its match, or '?' if none."""
+def describe_tree(
+    model: HSAE,
+    parents: list,
+    forest: PlantedForest,
+    copies: list[set[int]],
+    max_children: int = 4,
+) -> str:
+    """The learned tree, rooted at level 0, with the most links that are not copies
+    (``copies[l]``: the level-(l+1) children whose link is a copy, hsae.metrics) between
+    features that match a planted one (cosine >= 0.9); each feature named by its match, or
+    '?' if none, and each copy marked. Says so when every link is a copy."""
     matches = [match_features(forest, w.detach()).tolist() for w in model.W_dec]
     children = [children_lists(p, n) for p, n in zip(parents, model.sizes)]
 
-    def matched(level: int, i: int) -> int:
-        below = children[level][i] if level < len(children) else []
-        return (matches[level][i] >= 0) + sum(matched(level + 1, j) for j in below)
+    def refinements(level: int, i: int) -> int:
+        """Non-copy links below feature i whose two ends match planted features."""
+        if level >= len(children):
+            return 0
+        return sum(
+            (j not in copies[level] and matches[level][i] >= 0 and matches[level + 1][j] >= 0)
+            + refinements(level + 1, j)
+            for j in children[level][i]
+        )
 
-    def lines(level: int, i: int, indent: str) -> list[str]:
+    def lines(level: int, i: int, indent: str, copy: bool) -> list[str]:
         m = matches[level][i]
-        label = true_name(forest, m) if m >= 0 else "?"
+        label = (true_name(forest, m) if m >= 0 else "?") + ("  (copy)" if copy else "")
         out = [f"{indent}level {level} #{i:<4} = {label}"]
         if level < len(children):
-            kids = sorted(children[level][i], key=lambda j: -matched(level + 1, j))
+            kids = sorted(children[level][i], key=lambda j: -refinements(level + 1, j))
             for j in kids[:max_children]:
-                out += lines(level + 1, j, indent + "    ")
+                out += lines(level + 1, j, indent + "    ", j in copies[level])
             if len(kids) > max_children:
                 out.append(f"{indent}    ... {len(kids) - max_children} more")
         return out
 
-    def in_planted_tree(i: int) -> bool:
-        return matches[0][i] >= 0 and int(forest.tree[matches[0][i]]) >= 0
-
-    root = max(range(model.sizes[0]), key=lambda i: (in_planted_tree(i), matched(0, i)))
-    header = "the learned tree with the most matched features (T3.1 = tree 3, its child 1):"
-    return "\n".join([header, *lines(0, root, "  ")])
+    root = max(range(model.sizes[0]), key=lambda i: refinements(0, i))
+    if refinements(0, root) == 0:
+        return "no learned tree has a link that is not a copy between two planted features"
+    header = (
+        "the learned tree with the most non-copy links between planted features "
+        "(T3.1 = tree 3, its child 1):"
+    )
+    return "\n".join([header, *lines(0, root, "  ", False)])

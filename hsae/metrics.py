@@ -69,11 +69,14 @@ from torch import Tensor
 
 COPY_COSINE = 0.9
 COPY_JACCARD = 0.8
+F1_MATCH = 0.8
 
 __all__ = [
     "COPY_COSINE",
     "COPY_JACCARD",
     "Evaluator",
+    "F1_MATCH",
+    "FiringMatch",
     "LevelStats",
     "PairStats",
     "TreeStats",
@@ -300,6 +303,7 @@ class PairStats:
         if copies is not None:
             keep = ~copies.to(self._both.device)
             out["n_copies"] = int(copies.sum())
+            out["copy_children"] = self._edge_child.cpu()[copies].tolist()
             out["copy_share"] = int(copies.sum()) / self.n_edges if self.n_edges else math.nan
             out["p_parent_given_child_noncopy"] = _mean_ratio(
                 self._both[keep], child_count[keep]
@@ -483,6 +487,42 @@ class Evaluator:
 
     def parents_without_copies(self) -> list[Tensor]:
         return [pair.parents_without_copies() for pair in self.pairs]
+
+
+class FiringMatch:
+    """Matching by firing, on data whose true features are known (a planted forest).
+
+    Per level, the F1 of each latent's firing (a > 0) against each true feature's
+    (active): F1 = 2 #(both) / (#latent + #true). A true feature is *recovered by firing*
+    at a level when some latent there reaches F1 >= F1_MATCH. Beside matching by cosine,
+    this counts a latent that fires with a planted feature but points elsewhere (a
+    parent+child blend has the parent's firing, not its direction)."""
+
+    def __init__(self, n_true: int, n_features: Sequence[int]) -> None:
+        self.n_true, self.n_features = n_true, list(n_features)
+        self.both = [torch.zeros(n, n_true, dtype=torch.float64) for n in self.n_features]
+        self.latent = [torch.zeros(n, dtype=torch.float64) for n in self.n_features]
+        self.true = torch.zeros(n_true, dtype=torch.float64)
+
+    def update(self, true_active: Tensor, acts: Sequence[Tensor]) -> None:
+        t = true_active.detach().cpu().double()
+        self.true += t.sum(0)
+        for level, a in enumerate(acts):
+            fired = (a.detach() > 0).cpu().double()
+            self.both[level] += fired.T @ t
+            self.latent[level] += fired.sum(0)
+
+    def result(self) -> dict[str, list]:
+        """``f1_recovered`` and ``f1_mean`` (mean over true features of the best F1), per
+        level."""
+        recovered, mean = [], []
+        for both, latent in zip(self.both, self.latent, strict=True):
+            total = latent.unsqueeze(1) + self.true.unsqueeze(0)
+            f1 = torch.where(total > 0, 2 * both / total.clamp(min=1), torch.zeros_like(both))
+            best = f1.max(dim=0).values
+            recovered.append(int((best >= F1_MATCH).sum()))
+            mean.append(float(best.mean()))
+        return {"f1_recovered": recovered, "f1_mean": mean}
 
 
 def edge_cosines(decoders: Sequence[Tensor], parents: Sequence[Tensor]) -> list[Tensor]:

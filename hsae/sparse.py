@@ -232,7 +232,11 @@ def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor)
     parent_term = (p.act.pow(2) * has_children(parent, p.n)[p.feat]).sum()
     par = parent.clamp(min=0)[c.feat]
     a_c = c.act * linked[c.feat]
-    key = c.tok * p.n + par  # (token, parent) of each child entry
+    # (token, parent) of each child entry; an unlinked child's entry gets a key of its own
+    # (negative), so that it never joins a sibling group: grouping them all under parent 0
+    # made a run without links cost entries x d work per step
+    own = -1 - torch.arange(c.feat.numel(), device=c.feat.device)
+    key = torch.where(linked[c.feat], c.tok * p.n + par, own)
     a_par = _lookup(p.tok * p.n + p.feat, p.act, key)
     cos = (dec_p.index_select(0, parent.clamp(min=0)) * dec_c).sum(-1)
     cross = (a_c * a_par * cos.index_select(0, c.feat)).sum()
@@ -261,9 +265,10 @@ def _shared_groups(key: Tensor, a: Tensor, feat: Tensor, dec: Tensor, compact: b
         size.index_select(0, group) > 1,
         a.index_select(0, order), feat.index_select(0, order), group, compact=compact,
     )  # fmt: skip
-    if compact:  # renumber the groups left 0, 1, ... (sync-free: as many rows as entries)
+    n_groups = key.numel()  # sync-free: as many rows as entries
+    if compact:  # renumber the groups left 0, 1, ...; none left: no (entries x d) buffer
         group = torch.unique_consecutive(group, return_inverse=True)[1]
-    n_groups = int(group[-1]) + 1 if compact and group.numel() else key.numel()
+        n_groups = int(group[-1]) + 1 if group.numel() else 0
     rows = dec.index_select(0, feat) * a.unsqueeze(1)
     sums = rows.new_zeros(n_groups, dec.shape[1]).index_add_(0, group, rows)
     return sums.pow(2).sum() - a.pow(2).sum()

@@ -269,7 +269,14 @@ class Trainer:
             return self._fit(resume)
 
     def _fit(self, resume: bool) -> TrainResult:
-        t = self.cfg.train
+        t, m = self.cfg.train, self.cfg.model
+        if m.links == "joint" and m.update_every >= t.steps:
+            warnings.warn(
+                f"update_every ({m.update_every}) is not below steps ({t.steps}): no hierarchy "
+                "update will happen and every feature stays unlinked; the paper links every "
+                f"5 % of the run (--model.update_every {max(1, t.steps // 20)})",
+                stacklevel=3,
+            )
         if resume:
             self.load_checkpoint()
         else:

@@ -10,6 +10,7 @@ import torch
 
 from hsae.metrics import (
     Evaluator,
+    FiringMatch,
     LevelStats,
     PairStats,
     TreeStats,
@@ -298,3 +299,17 @@ def test_high_cosine_alone_or_jaccard_alone_is_not_a_copy() -> None:
     stats.update(both, torch.cat([half, both], dim=1))
     assert stats.result()["n_copies"] == 0
     assert stats.result()["copy_share"] == 0.0
+
+
+def test_firing_match_f1_by_hand() -> None:
+    """Two true features over 4 tokens: t0 fires on tokens 0, 1; t1 on token 2. Latent 0
+    fires on 0, 1 (F1 1 with t0), latent 1 on 1, 2 (F1 1/2 with t0, 2/3 with t1). Best F1:
+    t0 1, t1 2/3; recovered at F1 >= 0.8: t0 only."""
+    true = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=torch.bool)
+    acts = torch.tensor([[0.5, 0.0], [1.0, 2.0], [0.0, 1.0], [0.0, 0.0]])
+    match = FiringMatch(2, [2])
+    match.update(true[:2], [acts[:2]])  # two batches: counts add up
+    match.update(true[2:], [acts[2:]])
+    out = match.result()
+    assert out["f1_recovered"] == [1]
+    assert out["f1_mean"] == [pytest.approx((1 + 2 / 3) / 2)]

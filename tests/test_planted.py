@@ -343,3 +343,23 @@ def test_bad_config_raises(change: dict) -> None:
     with pytest.raises(ConfigError) as err:
         PlantedForest(PlantedConfig(**change))
     assert "\n" not in str(err.value)
+
+
+def test_recall_ceiling_counts_parents_matched_above_their_children(small: PlantedForest) -> None:
+    """Level 0 holds the roots, level 1 every feature: a root -> child edge can be linked
+    (root at 0, child at 1), a deeper edge cannot (both ends only at level 1). With the
+    levels swapped no edge can. Links play no part: unlinked, recall is 0."""
+    d = small.directions
+    roots = torch.nonzero(small.depth == 0).flatten()
+    edges = small.true_edges()
+    from_roots = sum(int(small.depth[p]) == 0 for p, _ in edges) / len(edges)
+    assert 0 < from_roots < 1
+    unlinked = torch.full((small.n_features,), -1)
+    res = score_against_truth(small, [d[roots], d], [unlinked])
+    assert res["recall_ceiling"] == pytest.approx(from_roots)
+    assert res["recall"] == 0.0 and res["recall_of_ceiling"] == 0.0
+    deeper = torch.nonzero(small.depth > 0).flatten()
+    res = score_against_truth(small, [d[deeper], d[roots]], [torch.full((roots.numel(),), -1)])
+    assert res["recall_ceiling"] == 0.0 and math.isnan(res["recall_of_ceiling"])
+    res = score_against_truth(small, [d, d], [small.parent])
+    assert res["recall_ceiling"] == 1.0 and res["recall_of_ceiling"] == 1.0

@@ -455,3 +455,11 @@ def test_fixed_capacity_reaches_the_loss_through_the_trainer(tmp_path):
     with pytest.warns(UserWarning, match="live entries did not fit the GPU capacity"):
         tight.fit()
     assert not torch.allclose(exact.model.W_enc[0], tight.model.W_enc[0], atol=1e-5)
+
+
+def test_a_run_shorter_than_update_every_warns_that_nothing_links(tmp_path):
+    cfg = tiny_cfg(20, update_every=20)
+    trainer = make_trainer(cfg, tmp_path)
+    with pytest.warns(UserWarning, match="no hierarchy update will happen"):
+        result = trainer.fit()
+    assert all(bool((p == -1).all()) for p in result.hierarchy.parents)

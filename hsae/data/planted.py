@@ -378,6 +378,22 @@ def _edge_counts(forest: PlantedForest, p_match: Tensor, c_match: Tensor) -> dic
     }
 
 
+def _recall_ceiling(forest: PlantedForest, matches: list[Tensor]) -> float:
+    """Share of true (P, C) edges that any hierarchy of these dictionaries could recover:
+    P matched at some level above a level where C is matched."""
+    n, levels = forest.n_features, len(matches)
+    first = torch.full((n,), levels, dtype=torch.long)  # coarsest level matching each
+    last = torch.full((n,), -1, dtype=torch.long)  # finest level matching each
+    for level, m in enumerate(matches):
+        hit = m[m >= 0]
+        first[hit] = torch.minimum(first[hit], torch.tensor(level))
+        last[hit] = torch.maximum(last[hit], torch.tensor(level))
+    child = torch.nonzero(forest.parent >= 0).flatten()
+    if child.numel() == 0:
+        return float("nan")
+    return (first[forest.parent[child]] < last[child]).float().mean().item()
+
+
 def _recall(forest: PlantedForest, matches: list[Tensor], parents: list[Tensor]) -> float:
     """Share of true (P, C) edges joined by a learned ancestor u~P above a learned v~C."""
     n = forest.n_features
@@ -424,7 +440,9 @@ def score_against_truth(
         edges; recall: share of true parent->child pairs (P, C) for which a learned
         u matched to P is a proper ancestor of a learned v matched to C, following
         v's parent chain through any number of levels (NaN if the forest has no
-        edges).
+        edges); recall_ceiling: share of true pairs whose parent is matched at a level
+        above one where the child is matched (what any links could recover);
+        recall_of_ceiling = recall / recall_ceiling.
     """
     if len(decoders) == 0:
         raise ValueError("need at least one decoder")
@@ -449,6 +467,7 @@ def score_against_truth(
         for k in ("edges", "ancestor", "duplicate", "unmatched", "wrong")
     }
     judged = totals["ancestor"] + totals["wrong"]
+    recall, ceiling = _recall(forest, matches, parents), _recall_ceiling(forest, matches)
     return {
         "n_true": n,
         "recovered": recovered,
@@ -461,5 +480,7 @@ def score_against_truth(
         "duplicate_frac": totals["duplicate"] / totals["edges"]
         if totals["edges"]
         else float("nan"),
-        "recall": _recall(forest, matches, parents),
+        "recall": recall,
+        "recall_ceiling": ceiling,
+        "recall_of_ceiling": recall / ceiling if ceiling > 0 else float("nan"),
     }
