@@ -12,9 +12,7 @@ hsae cache --cache.model minilm --cache.layer 3 --cache.text builtin \
 
 # 2. HSAE and the post-hoc baseline on the same cache, same budget
 COMMON=(--data "$OUT/cache" --model.sizes 256,512,1024,2048 --model.target_l0 16
-        --model.update_every 250 --train.steps 2500 --train.batch_size 512 --train.lr 2e-3
-        --train.lambda_init 0.1 --train.eta 0.005 --train.l0_ema_momentum 0.99
-        --train.dead_after 300 --eval-tokens 0)
+        --model.update_every 250 --train.steps 2500 --train.batch_size 512 --eval-tokens 0)
 hsae train --out "$OUT/hsae" "${COMMON[@]}"
 hsae train --out "$OUT/baseline" "${COMMON[@]}" \
     --model.links posthoc --model.rho 0 --model.perturb_rate 0
