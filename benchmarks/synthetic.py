@@ -36,7 +36,7 @@ from torch import Tensor
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
 from hsae.io import LevelWeights
 from hsae.metrics import evaluate_with_copies
-from hsae.model import HSAE
+from hsae.model import HSAE, unit_rows
 from hsae.posthoc import link_levels
 from hsae.train import Trainer
 
@@ -200,23 +200,24 @@ def measure(model: HSAE, parents: list, rows: Tensor, gt: Tensor, truth: Tensor)
     return report
 
 
-def unit(w: Tensor) -> Tensor:
-    return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-
-
 def match(decoder: Tensor, gt: Tensor, threshold: float = 0.9) -> Tensor:
     """Each latent's true feature (cosine >= threshold), or -1."""
-    best = (unit(decoder) @ unit(gt).T).max(dim=1)
+    best = (unit_rows(decoder) @ unit_rows(gt).T).max(dim=1)
     return torch.where(best.values >= threshold, best.indices, -1)
+
+
+def best_per_true(decoder: Tensor, gt: Tensor) -> Tensor:
+    """Per true feature, its best cosine with a latent's decoder row."""
+    return (unit_rows(gt) @ unit_rows(decoder).T).max(dim=1).values
 
 
 def recovered(decoder: Tensor, gt: Tensor, threshold: float = 0.9) -> int:
     """True features with a latent at cosine >= threshold."""
-    return int(((unit(gt) @ unit(decoder).T).max(dim=1).values >= threshold).sum())
+    return int((best_per_true(decoder, gt) >= threshold).sum())
 
 
 def best_cosines(decoders: list[Tensor], gt: Tensor) -> Tensor:
-    return torch.stack([(unit(gt) @ unit(w).T).max(dim=1).values for w in decoders]).max(0).values
+    return torch.stack([best_per_true(w, gt) for w in decoders]).max(0).values
 
 
 def edge_scores(matches: list[Tensor], parents: list, truth: Tensor) -> dict:

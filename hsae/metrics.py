@@ -67,6 +67,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from hsae.model import unit_rows
+
 COPY_COSINE = 0.9
 COPY_JACCARD = 0.8
 F1_MATCH = 0.8
@@ -529,15 +531,11 @@ def edge_cosines(decoders: Sequence[Tensor], parents: Sequence[Tensor]) -> list[
     """Per level pair, cos(d_c, d_parent(c)) for every child c (0 where unassigned)."""
     out = []
     for lvl, p in enumerate(parents):
-        dec_p, dec_c = (_unit(decoders[k].detach().float().cpu()) for k in (lvl, lvl + 1))
+        dec_p, dec_c = (unit_rows(decoders[k].detach().float().cpu()) for k in (lvl, lvl + 1))
         p = p.cpu()
         cos = (dec_c * dec_p[p.clamp(min=0)]).sum(-1)
         out.append(torch.where(p >= 0, cos, torch.zeros_like(cos)))
     return out
-
-
-def _unit(w: Tensor) -> Tensor:
-    return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
 def _copy_share(pairs: list[dict]) -> float:

@@ -75,7 +75,7 @@ class HSAE(nn.Module):
         super().__init__()
         self.d_in, self.sizes, self.bandwidth = d_in, tuple(sizes), bandwidth
         gen = torch.Generator().manual_seed(seed)
-        decoders = [_unit_rows(torch.randn(n, d_in, generator=gen)) for n in sizes]
+        decoders = [unit_rows(torch.randn(n, d_in, generator=gen)) for n in sizes]
         self.W_dec = nn.ParameterList([nn.Parameter(w) for w in decoders])
         self.W_enc = nn.ParameterList([nn.Parameter(w.T.clone()) for w in decoders])
         self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
@@ -132,12 +132,13 @@ class HSAE(nn.Module):
     def apply_constraints(self) -> None:
         """After every optimiser step: unit decoder rows, positive thresholds."""
         for w in self.W_dec:
-            w.copy_(_unit_rows(w))
+            w.copy_(unit_rows(w))
         for theta in self.threshold:
             theta.clamp_(min=THRESHOLD_FLOOR)
 
 
-def _unit_rows(w: Tensor) -> Tensor:
+def unit_rows(w: Tensor) -> Tensor:
+    """Each row divided by its norm (rows of norm 0 stay 0)."""
     return w / w.norm(dim=-1, keepdim=True).clamp(min=1e-12)
 
 
