@@ -11,7 +11,9 @@ rows:
 - baseline: hsae's post-hoc baseline (rho = 0, no substitution, links made at the end);
 - saelens: SAE Lens JumpReLU SAEs of the same sizes (quadratic L0 loss at the target,
   GemmaScope 2), trained one after another on the same rows, linked post hoc by hsae's
-  rule (`hsae posthoc`).
+  rule (`hsae posthoc`);
+- matryoshka: SAE Lens's Matryoshka BatchTopK SAE (widths = the level sizes, k = the
+  target L0), the hierarchy-aware peer; level l is its prefix of sizes[l] latents.
 
 Per method: per level L0, FVE and dead fraction; true features recovered (cosine >= 0.9,
 per level and at any level) and MCC (`sae_lens.synthetic.mean_correlation_coefficient`);
@@ -142,14 +144,41 @@ def row_stream(rows: Tensor):
     return stream
 
 
-def train_sae_lens(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
-    """SAE Lens JumpReLU SAEs, one per level size, linked post hoc by hsae's rule.
+def fit_sae_lens(sae, rows: Tensor, size: Size) -> None:
+    """SAE Lens's own trainer on the benchmark's rows, at lr 3e-3 held constant.
 
-    lr 3e-3: at SAE Lens's default 3e-4 a 1k-step run leaves L0 near 140 (the threshold
-    moves too little from its 0.01 start); 3e-3 reaches the target (measured, seed 0)."""
-    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+    At SAE Lens's default 3e-4 a 1k-step JumpReLU run leaves L0 near 140 (the threshold
+    moves too little from its 0.01 start); 3e-3 reaches the target (measured, seed 0).
+    The trainer folds the input scale into the weights: the SAE then reads raw rows."""
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
+
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=size.steps * BATCH,
+        train_batch_size_samples=BATCH,
+        lr=3e-3,
+        lr_end=3e-3,
+        logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
+        n_batches_for_norm_estimate=100,
+    )
+    SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=row_stream(rows)(0)).fit()
+
+
+def level_weights(sae, threshold: Tensor, width: int | None = None) -> LevelWeights:
+    """A trained SAE Lens SAE (or the prefix of its first `width` latents) as a level."""
+    w = slice(None, width)
+    return LevelWeights(
+        W_enc=sae.W_enc.detach().float()[:, w],
+        b_enc=sae.b_enc.detach().float()[w],
+        W_dec=sae.W_dec.detach().float()[w],
+        b_dec=sae.b_dec.detach().float(),
+        threshold=threshold.detach().float()[w],
+    )
+
+
+def train_sae_lens(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
+    """SAE Lens JumpReLU SAEs, one per level size, linked post hoc by hsae's rule."""
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
 
     levels = []
     for n in size.levels:
@@ -162,19 +191,36 @@ def train_sae_lens(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
             normalize_activations="expected_average_only_in",
         )
         sae = JumpReLUTrainingSAE(cfg)
-        trainer_cfg = SAETrainerConfig(
-            total_training_samples=size.steps * BATCH,
-            train_batch_size_samples=BATCH,
-            lr=3e-3,
-            lr_end=3e-3,
-            logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1),
-            n_batches_for_norm_estimate=100,
-        )
-        SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=row_stream(rows)(0)).fit()
-        # the trainer folds the input scale into the weights: the SAE reads raw rows
-        w = {k: getattr(sae, k).detach().float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
-        levels.append(LevelWeights(**w, threshold=sae.threshold.detach().float()))
+        fit_sae_lens(sae, rows, size)
+        levels.append(level_weights(sae, sae.threshold))
     return link_levels(levels)
+
+
+def train_matryoshka(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
+    """SAE Lens's Matryoshka BatchTopK SAE, widths = the level sizes, k = target L0.
+
+    One SAE of the largest size; level l is its nested prefix of the first sizes[l]
+    latents (what Matryoshka trains each prefix to reconstruct), at inference a JumpReLU
+    with BatchTopK's learned global threshold, as SAE Lens saves it. It sees each row
+    once for all levels. Linked post hoc by hsae's rule: a latent shared with the level
+    above is its own exact copy there, so the copy share counts the nesting."""
+    from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+
+    torch.manual_seed(seed)
+    cfg = MatryoshkaBatchTopKTrainingSAEConfig(
+        d_in=rows.shape[1],
+        d_sae=size.levels[-1],
+        k=size.target_l0,
+        matryoshka_widths=list(size.levels),
+        normalize_activations="expected_average_only_in",
+    )
+    sae = MatryoshkaBatchTopKTrainingSAE(cfg)
+    fit_sae_lens(sae, rows, size)
+    threshold = torch.full((size.levels[-1],), float(sae.topk_threshold))
+    return link_levels([level_weights(sae, threshold, n) for n in size.levels])
+
+
+PEERS = {"saelens": train_sae_lens, "matryoshka": train_matryoshka}
 
 
 # ---------------------------------------------------------------- the measures
@@ -275,7 +321,12 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=None, help="default: the size's own")
-    parser.add_argument("--methods", nargs="+", default=["hsae", "baseline", "saelens"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=["hsae", "baseline", *PEERS],
+        default=["hsae", "baseline", *PEERS],
+    )
     parser.add_argument("--json", default=None, help="also write every report here")
     parser.add_argument("--progress", action="store_true", help="hsae's progress bars")
     args = parser.parse_args()
@@ -296,8 +347,8 @@ def main() -> None:
     for seed in args.seeds:
         for method in args.methods:
             started = time.perf_counter()
-            if method == "saelens":
-                model, parents = train_sae_lens(train_rows, size, seed)
+            if method in PEERS:
+                model, parents = PEERS[method](train_rows, size, seed)
             else:
                 baseline = method == "baseline"
                 model, parents = train_hsae(train_rows, size, seed, baseline, args.progress)

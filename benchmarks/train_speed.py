@@ -143,8 +143,10 @@ def time_to_quality(check_every: int = 50) -> None:
               f"({seconds:.0f} s); its final FVE "
               + " ".join(f"{f:.3f}" for f in held_out_fve(trainer.model, eval_rows)))  # fmt: skip
         return
-    print(f"hsae reached it at step {reached}, after {seconds:.0f} s of training; "
-          f"time to SAE Lens's quality, hsae / SAE Lens: {seconds / lens_seconds:.2f}")
+    print(
+        f"hsae reached it at step {reached}, after {seconds:.0f} s of training; "
+        f"time to SAE Lens's quality, hsae / SAE Lens: {seconds / lens_seconds:.2f}"
+    )
 
 
 @torch.no_grad()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.metadata
+import math
 import sys
 import typing
 from pathlib import Path
@@ -38,7 +40,10 @@ def _parse_value(kind, text: str):
             return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
         if origin is typing.Literal:
             return text
-        return kind(text)
+        value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
     except ValueError:
         what = "comma-separated integers" if origin is tuple else describe_type(kind)
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
@@ -102,6 +107,9 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 
 def source_from_args(args: argparse.Namespace, expected_d: int | None = None) -> pipeline.Source:
+    planted = sorted(f"--planted.{k}" for k in overrides(args, "planted"))
+    if planted and args.data != "planted":
+        raise ConfigError(f"{', '.join(planted)} set, but --data is {args.data!r}, not planted")
     if args.data == "planted":
         return pipeline.planted_source(PlantedConfig(**overrides(args, "planted")))
     return pipeline.file_source(args.data, args.eval_frac, expected_d)
@@ -111,7 +119,10 @@ def source_from_args(args: argparse.Namespace, expected_d: int | None = None) ->
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    if args.eval_tokens < 0:
+        raise ValueError(f"--eval-tokens must be >= 0 (0 skips evaluation), got {args.eval_tokens}")
     cfg = run_config(args)
+    pipeline.check_new_run(args.out, args.resume, args.overwrite)
     source = source_from_args(args)
     result = pipeline.train(cfg, source, args.out, resume=args.resume)
     if not distributed.is_main():
@@ -128,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.tokens < 1:
+        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
     if args.judge and not args.plots:
         raise ValueError("--judge needs --plots DIR")
     judge = None
@@ -136,7 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
         judge = judge_rates(args.judge, ["hsae", "baseline"])
     model, parents, header = pipeline.load(args.model_dir)
-    if args.data:
+    if args.data or overrides(args, "planted"):
         source = source_from_args(args, expected_d=model.d_in)
     else:
         source = pipeline.source_from_description(header["config"].get("data", {}), model.d_in)
@@ -178,6 +191,9 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_posthoc(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"{out}: exists and is not empty; --overwrite replaces it")
     model, parents = build_posthoc(args.sae_dirs, args.similarity, args.tree,
                                    args.unassigned_quantile)  # fmt: skip
     config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in args.sae_dirs],
@@ -204,6 +220,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 ROWS = [
     ("L0 per level", "l0", "{:.1f}"),
     ("FVE per level", "fve", "{:.3f}"),
+    ("links per level pair", "n_links", "{:d}"),
     ("Hamming (lower better)", "hamming", "{:.3f}"),
     ("P(p|c)", "p_parent_given_child", "{:.3f}"),
     ("P(c|p)", "p_child_given_parent", "{:.3f}"),
@@ -239,12 +256,13 @@ def format_report(reports: dict[str, dict]) -> str:
         if any(v is None for v in values):
             continue
         cells = []
-        for value in values:
-            text = (
-                " ".join(fmt.format(v) for v in value)
-                if isinstance(value, list)
-                else (fmt.format(value))
-            )
+        for report, value in zip(reports.values(), values, strict=True):
+            if isinstance(value, list):
+                text = " ".join(fmt.format(v) for v in value)
+            elif value != value and not any(report.get("n_links") or [1]):  # NaN, no link
+                text = "no links"
+            else:
+                text = fmt.format(value)
             cells.append(f"{text:>26}")
         lines.append(f"{label:{width}}  " + "  ".join(cells))
     return "\n".join(lines)
@@ -253,8 +271,16 @@ def format_report(reports: dict[str, dict]) -> str:
 # ---------------------------------------------------------------- entry point
 
 
+def version() -> str:
+    try:
+        return importlib.metadata.version("hsae")
+    except importlib.metadata.PackageNotFoundError:  # a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hsae", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hsae {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     demo = sub.add_parser("demo", help="train HSAE and the post-hoc baseline on a planted forest")
@@ -262,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps per model")
     demo.add_argument("--seed", type=int, default=0, help="training seed (the forest is fixed)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(outputs={"out": "dir"})
 
     train = sub.add_parser("train", help="train an HSAE")
     train.add_argument("--config", help="JSON file with 'model' and 'train' sections")
@@ -272,15 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", required=True, help="run directory (checkpoint, model/)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     train.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
     train.add_argument("--eval-tokens", type=int, default=65536, help="0: skip evaluation")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(outputs={"out": "dir"})
     for prefix, cls in SECTIONS.items():
         add_dataclass_flags(train, prefix, cls)
 
     cache = sub.add_parser("cache", help="extract a language model's activations to disk")
     add_dataclass_flags(cache, "cache", pipeline.CacheRequest)
     cache.add_argument("--quiet", action="store_true", help="no progress bar")
+    cache.set_defaults(outputs={"cache.out": "dir"})
 
     post = sub.add_parser("posthoc", help="link existing SAE Lens SAEs into a post-hoc forest")
     post.add_argument("sae_dirs", nargs="+", help="SAE Lens directories, smallest first")
@@ -288,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--similarity", default="encoder", choices=["encoder", "decoder"])
     post.add_argument("--tree", default="partial", choices=["partial", "full", "binary"])
     post.add_argument("--unassigned-quantile", type=float, default=0.2)
+    post.add_argument("--overwrite", action="store_true", help="replace what --out holds")
+    post.set_defaults(outputs={"out": "dir"})
 
     ev = sub.add_parser("eval", help="measures of a trained HSAE on held-out activations")
     ev.add_argument("model_dir", help="trained directory (or a run directory with model/)")
@@ -306,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss recovered per level on N held-out texts (models trained on a cache)",
     )
     add_dataclass_flags(ev, "planted", PlantedConfig)
+    ev.set_defaults(outputs={"json": "file", "plots": "dir"})
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
@@ -332,9 +365,18 @@ COMMANDS = {
 }
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output a command declared (`parser.set_defaults(outputs={dest: "file"|"dir"})`)
+    is checked before the command computes anything."""
+    for dest, kind in getattr(args, "outputs", {}).items():
+        if getattr(args, dest, None):
+            io.check_writable(getattr(args, dest), kind)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_outputs(args)
         run = COMMANDS.get(args.command) or args.run
         run(args)
     except (ConfigError, FormatError, FloatingPointError, ValueError, TypeError) as err:
@@ -342,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except FileNotFoundError as err:
         print(f"hsae: error: {err.filename or err}: no such file", file=sys.stderr)
+        return 2
+    except OSError as err:  # permission, disk full, ...: one line, never a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"hsae: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hsae: interrupted", file=sys.stderr)

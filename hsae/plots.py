@@ -281,4 +281,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         k.add_argument("--out", required=True, help="output directory for the PNGs")
         if kind == "compare":
             k.add_argument("--judge", help="an hsae judge report: adds the yes-rate panel")
-        k.set_defaults(run=run)
+        k.set_defaults(run=run, outputs={"out": "dir"})

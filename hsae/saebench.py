@@ -193,6 +193,7 @@ def core_eval(
     llm_dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, dict]:
     """SAEBench's core evaluation of each SAE on ``model`` (a HookedTransformer) over
     ``dataset`` (a Hugging Face name or a ``datasets.Dataset`` with a "text" or "tokens"
@@ -221,7 +222,7 @@ def core_eval(
         )  # fmt: skip
         store = ActivationsStore.from_sae(
             model, sae, dataset=dataset, context_size=context_size,
-            dataset_trust_remote_code=True,
+            dataset_trust_remote_code=trust_remote_code,
             total_tokens=context_size * batch_prompts * (recon_batches + sparsity_batches),
         )  # fmt: skip
         store.shuffle_input_dataset(seed=RANDOM_SEED)
@@ -380,6 +381,7 @@ def _run_core(args: argparse.Namespace, saes: list, model_name: str, device: str
         context_size=args.context_size, batch_prompts=args.batch_prompts,
         recon_batches=args.recon_batches, sparsity_batches=args.sparsity_batches,
         llm_dtype=args.llm_dtype, device=device, progress=not args.quiet,
+        trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     manifest = training_cache(model_directory(args.model_dir))
     if manifest and "row_norm_sum" in manifest:
@@ -401,5 +403,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag in ("context_size", "batch_prompts", "recon_batches", "sparsity_batches"):
         p.add_argument(f"--{flag.replace('_', '-')}", type=int, default=CORE_DEFAULTS[flag],
                        help=f"core eval (SAEBench default {CORE_DEFAULTS[flag]})")  # fmt: skip
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a Hugging Face dataset run its own loading script (off)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs={"out": "dir"})

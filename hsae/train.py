@@ -2,7 +2,8 @@
 
 Alternating optimisation: gradient steps on the parameters with the hierarchy fixed, and
 every `update_every` steps a hierarchy update with the parameters fixed. Adam
-(beta1 = 0, beta2 = 0.995), linear warm-up over 10 % of the steps then cosine decay to 0,
+(beta1 = 0, beta2 = 0.995), linear warm-up over 10 % of the steps then a decay to 0
+(lr_at: the paper's cosine, or the default warm-up-stable-decay),
 decoder rows renormalised after every step, ghost grads for dead latents, and the
 velocity-based sparsity controller on every level.
 
@@ -43,13 +44,37 @@ def step_generator(seed: int, step: int, stream: int, device: torch.device | str
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 16 + stream)
 
 
-def lr_at(step: int, cfg_lr: float, steps: int, warmup_frac: float) -> float:
-    """Linear warm-up over the first warmup_frac of steps, then cosine decay to 0."""
+def _data_difference(old: dict | None, new: dict | None, prefix: str = "") -> list[str]:
+    """The keys (dotted) in which two data descriptions differ."""
+    old, new = old or {}, new or {}
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _data_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(prefix + key)
+    return out
+
+
+def lr_at(
+    step: int,
+    peak: float,
+    steps: int,
+    warmup_frac: float,
+    schedule: str,
+    decay_frac: float,
+) -> float:
+    """Linear warm-up over the first warmup_frac of steps, then to 0 by the schedule:
+    cosine (the paper's), or wsd (hold the peak, decay linearly over the last decay_frac)."""
     warmup = max(1, int(warmup_frac * steps))
     if step < warmup:
-        return cfg_lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
+    if schedule == "wsd":
+        decay = max(1, int(decay_frac * steps))
+        return peak * min(1.0, (steps - step) / decay)
     progress = (step - warmup) / max(1, steps - warmup)
-    return cfg_lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -61,7 +86,13 @@ def estimate_scale(batches: Iterator[Tensor], n_tokens: int) -> tuple[float, Ten
         sample.append(x)
         seen += x.shape[0]
     x = torch.cat(sample)[:n_tokens].float()
-    return math.sqrt(x.shape[1]) / x.norm(dim=-1).mean().item(), x
+    norm = x.double().norm(dim=-1).mean().item()  # double: rows near 1e30 overflow a float32
+    if not math.isfinite(norm):
+        raise ConfigError(f"cannot estimate the input scale: the activations are not finite "
+                          f"or too large (mean row norm {norm})")  # fmt: skip
+    if norm == 0:
+        raise ConfigError("cannot estimate the input scale: the activations are all zero")
+    return math.sqrt(x.shape[1]) / norm, x
 
 
 @dataclass
@@ -94,9 +125,17 @@ def kernel_settings(deterministic: bool, device: torch.device) -> Iterator[None]
 class Trainer:
     """Owns the model, optimiser, hierarchy, controller and the step counter."""
 
-    def __init__(self, cfg: RunConfig, d_in: int, stream: Stream, out_dir: str | Path):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        d_in: int,
+        stream: Stream,
+        out_dir: str | Path,
+        data: dict | None = None,
+    ):
+        """data: what the stream reads (a Source's description); a resume must read the same."""
         cfg.validate()
-        self.cfg, self.d_in = cfg, d_in
+        self.cfg, self.d_in, self.data = cfg, d_in, data
         self.stream = distributed.local_slice(stream)  # this rank's rows of each batch
         self.out_dir = Path(out_dir)
         m, t = cfg.model, cfg.train
@@ -135,8 +174,6 @@ class Trainer:
     def init_fresh(self) -> None:
         batches = distributed.global_batches(self.stream(0))
         scale, sample = estimate_scale(batches, self.cfg.train.scale_tokens)
-        if not math.isfinite(scale) or scale <= 0:
-            raise ConfigError("cannot estimate the input scale: activations are all zero")
         self.model.scale.fill_(scale)
         self.model.init_from_data(sample.to(self.device) * scale, self.cfg.model.target_l0)
 
@@ -144,6 +181,13 @@ class Trainer:
         return self.out_dir / CHECKPOINT
 
     def save_checkpoint(self) -> None:
+        """Never a checkpoint of a diverged state: resuming it could only diverge again."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite {bad[0]} at step {self.step}; no checkpoint written; lower "
+                "--train.lr or check the data"
+            )
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         tensors.update(self._optimizer_tensors())
         tensors.update(self.hierarchy.state_tensors())
@@ -154,6 +198,7 @@ class Trainer:
             "config": self._comparable_config(),
             "d_in": self.d_in,
             "frozen": self.hierarchy.frozen,
+            "data": self.data,
         }
         if distributed.is_main():  # one writer; the others wait for the file
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,6 +213,12 @@ class Trainer:
             raise ConfigError(
                 f"checkpoint {path} was written with a different configuration or input width; "
                 "resume with the same config, or start a fresh run in another --out directory"
+            )
+        if state.get("data") != self.data:
+            raise ConfigError(
+                f"checkpoint {path} was trained on other data (it differs in "
+                f"{', '.join(_data_difference(state.get('data'), self.data))}); "
+                "resume with the same --data and --planted settings"
             )
         prefix = "model."
         self.model.load_state_dict(
@@ -228,7 +279,9 @@ class Trainer:
         t = self.cfg.train
         x = x_raw.to(self.device, non_blocking=True).float() * self.model.scale
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, group["base_lr"], t.steps, t.warmup_frac)
+            group["lr"] = lr_at(
+                self.step, group["base_lr"], t.steps, t.warmup_frac, t.schedule, t.decay_frac
+            )
         with torch.autocast(self.device.type, torch.bfloat16, enabled=t.autocast):
             out = self.module(x, self.loss_inputs())
         self.opt.zero_grad(set_to_none=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,15 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-TINY_RUN_FLAGS = [
+TINY_FOREST_FLAGS = [
     "--planted.d", "16",
     "--planted.n_trees", "3",
     "--planted.branching", "2",
     "--planted.depth", "2",
     "--planted.n_independent", "4",
-    "--eval-tokens", "0",
-    "--quiet",
 ]  # fmt: skip
+TINY_RUN_FLAGS = [*TINY_FOREST_FLAGS, "--eval-tokens", "0", "--quiet"]
 """A tiny planted forest and a quiet run without evaluation, for CLI runs in tests."""
 
 
@@ -70,3 +70,13 @@ def leftovers():
         return [p for p in Path(root).rglob("*") if ".tmp" in p.name or ".old" in p.name]
 
     return find
+
+
+def flip_signs(path: Path, name: str, count: int) -> None:
+    """Flip the sign bit of the first `count` float32 values of tensor `name`, in place."""
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[name]["data_offsets"][0]
+    for k in range(count):
+        data[start + 4 * k + 3] ^= 0x80
+    path.write_bytes(bytes(data))

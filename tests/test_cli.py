@@ -4,14 +4,16 @@ nothing; good input trains, evaluates and applies config files and flags."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_FLAGS
+from conftest import TINY_FOREST_FLAGS
 
 from hsae.cli import main
 from hsae.io import load_json, load_safetensors
@@ -30,7 +32,8 @@ SMALL = [
     "--train.lr", "3e-3",
     "--train.lambda_init", "0.1",
     "--train.scale_tokens", "1024",
-    *TINY_RUN_FLAGS,
+    "--eval-tokens", "0",
+    "--quiet",
 ]  # fmt: skip
 NPY_ROWS, NPY_D = 4096, 16
 EVAL_FRAC = 0.05
@@ -65,7 +68,9 @@ def assert_nothing_written(out: Path, leftovers) -> None:
 
 
 def train_argv(out: Path, *extra) -> list[str]:
-    return ["train", "--out", out, *SMALL, *extra]
+    """A small run; on a file given by --data, without the planted forest's flags."""
+    forest = [] if "--data" in extra else TINY_FOREST_FLAGS
+    return ["train", "--out", out, *SMALL, *forest, *extra]
 
 
 # ---------------------------------------------------------------- a trained .npy run
@@ -263,7 +268,7 @@ BASE_CONFIG = {
     "train": {"steps": 30, "batch_size": 256, "lr": 3e-3, "lambda_init": 0.1,
               "scale_tokens": 1024},
 }  # fmt: skip
-DATA_FLAGS = SMALL[SMALL.index("--planted.d") :]
+DATA_FLAGS = [*TINY_FOREST_FLAGS, "--eval-tokens", "0", "--quiet"]
 
 
 @pytest.mark.parametrize(
@@ -375,3 +380,249 @@ def test_subprocess_console_script_missing_model(tmp_path, subprocess_env, pytho
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert_one_line_error(proc.stderr, str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------- outputs checked first
+
+
+def _unwritable_outputs(tmp_path: Path) -> list[tuple[list, str]]:
+    """(argv, the path the error must name): each output is bad before any work is done."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    missing_model = tmp_path / "no_model"
+    return [
+        (train_argv(a_file), "exists and is not a directory"),
+        (train_argv(a_file / "run"), "is a file, not a directory"),
+        (["eval", missing_model, "--json", a_dir], "is a directory"),
+        (["eval", missing_model, "--plots", a_file], "exists and is not a directory"),
+        (["posthoc", missing_model, "--out", a_file], "exists and is not a directory"),
+        (["cache", "--cache.model", "gpt2", "--cache.layer", "1", "--cache.out", a_file / "c"],
+         "is a file, not a directory"),  # fmt: skip
+        (["demo", "--out", a_file], "exists and is not a directory"),
+        (["contexts", missing_model, "--out", a_file], "exists and is not a directory"),
+        (["plots", "compare", a_file, "--out", a_file], "exists and is not a directory"),
+    ]
+
+
+def test_bad_outputs_fail_before_any_work(tmp_path, capsys):
+    """The issue's probes: --out an existing file (a traceback after training before), --json
+    a directory, --plots a file; the model named does not even exist, so only a check made
+    before any work can give this error."""
+    for argv, words in _unwritable_outputs(tmp_path):
+        started = time.perf_counter()
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 2, (argv, err)
+        assert_one_line_error(err, words)
+        assert time.perf_counter() - started < 5, argv
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def test_read_only_output_folder_fails_first(tmp_path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        rc, _, err = run_cli(train_argv(folder / "run"), capsys)
+    finally:
+        folder.chmod(0o755)
+    assert rc == 2
+    assert_one_line_error(err, "no write permission")
+
+
+# ---------------------------------------------------------------- who owns a run
+
+
+def test_a_fresh_run_does_not_replace_an_existing_one(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_cli(train_argv(out), capsys)[0] == 0
+    before = (out / "model" / "hsae.json").read_bytes()
+    rc, _, err = run_cli(train_argv(out), capsys)
+    assert rc == 2
+    assert_one_line_error(err, str(out), "--resume", "--overwrite")
+    assert (out / "model" / "hsae.json").read_bytes() == before
+    rc, _, err = run_cli(train_argv(out, "--overwrite", "--train.seed", "1"), capsys)
+    assert rc == 0, err
+    assert (out / "model" / "hsae.json").read_bytes() != before
+
+
+def test_a_run_being_written_is_locked(tmp_path, capsys):
+    from hsae.io import locked_directory
+
+    out = tmp_path / "run"
+    with locked_directory(out):
+        rc, _, err = run_cli(train_argv(out), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "another hsae process", f"pid {os.getpid()}")
+    assert not (out / "model").exists()
+    assert run_cli(train_argv(out), capsys)[0] == 0  # released when the holder is done
+
+
+def test_a_killed_holder_leaves_no_stuck_lock(tmp_path, python_exe, subprocess_env):
+    from hsae.io import locked_directory
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [python_exe, "-c", "import sys, time; from hsae.io import locked_directory\n"
+         f"with locked_directory({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match="another hsae process"), locked_directory(out):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with locked_directory(out):  # SIGKILL released it
+        pass
+
+
+# ---------------------------------------------------------------- resume reads the same data
+
+
+def test_resume_on_other_data_is_refused(tmp_path, capsys):
+    """The issue's probes: another .npy of the same width, other planted settings."""
+    rng = np.random.default_rng(0)
+    first, second = tmp_path / "a.npy", tmp_path / "b.npy"
+    np.save(first, rng.standard_normal((4096, 16)).astype(np.float32))
+    np.save(second, rng.standard_normal((4096, 16)).astype(np.float32))
+    out = tmp_path / "run"
+    flags = ["--train.checkpoint_every", "10", "--eval-tokens", "0"]
+    assert run_cli(train_argv(out, "--data", first, *flags), capsys)[0] == 0
+    before = (out / CHECKPOINT).read_bytes()
+    rc, _, err = run_cli(train_argv(out, "--data", second, "--resume", *flags), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "other data", "path", "sha256")
+    assert (out / CHECKPOINT).read_bytes() == before
+
+    planted = tmp_path / "planted"
+    assert run_cli(train_argv(planted, *flags), capsys)[0] == 0
+    rc, _, err = run_cli(train_argv(planted, "--resume", "--planted.seed", "7", *flags), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "other data", "planted.seed")
+    rc, _, err = run_cli(train_argv(planted, "--resume", *flags), capsys)
+    assert rc == 0, err  # the same data resumes
+
+
+def test_planted_flags_with_a_file_are_refused(tmp_path, capsys):
+    data = tmp_path / "a.npy"
+    np.save(data, np.zeros((64, 16), dtype=np.float32))
+    rc, _, err = run_cli(train_argv(tmp_path / "run", "--data", data, "--planted.d", "8"), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "--planted.d", "a.npy")
+
+
+# ---------------------------------------------------------------- numbers and settings
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--model.target_l0", "nan"),
+        ("--model.rho", "nan"),
+        ("--train.lr", "inf"),
+        ("--planted.noise_std", "-inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_up_front(tmp_path, capsys, flag, value):
+    """The issue's probes: a traceback after 30 s, a model saved with rho null, a
+    checkpoint of NaNs. Now argparse refuses the flag (exit 2) before anything runs."""
+    out = tmp_path / "run"
+    rc, _, err = run_cli(train_argv(out, f"{flag}={value}"), capsys)
+    assert rc == 2
+    assert_one_line_error(err, flag, "finite")
+    assert not out.exists()
+
+
+def test_non_finite_config_file_values_are_refused(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text('{"model": {"rho": NaN}}')  # Python's json reads NaN
+    rc, _, err = run_cli(train_argv(tmp_path / "run", "--config", path), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "rho", "finite")
+
+
+@pytest.mark.parametrize("flag", ["--cache.context_len", "--cache.max_tokens"])
+def test_bad_cache_settings_leave_nothing_behind(tmp_path, capsys, flag):
+    """A refused `hsae cache` writes no manifest, so the corrected rerun is not blocked."""
+    out = tmp_path / "cache"
+    argv = ["cache", "--cache.model", "gpt2", "--cache.layer", "1", "--cache.out", out]
+    rc, _, err = run_cli([*argv, flag, "0"], capsys)
+    assert rc == 2
+    assert_one_line_error(err, flag, ">= 1")
+    assert not (out / "manifest.json").exists()
+
+
+def test_a_run_without_links_says_so(tmp_path, capsys):
+    """The issue's probe: shorter than update_every, every parent is -1; Hamming printed
+    0.000 (perfect) and P(p|c) nan. Now the run warns and the table says "no links"."""
+    argv = train_argv(tmp_path / "run", "--model.update_every", "1000", "--eval-tokens", "1024")
+    with pytest.warns(UserWarning, match="no hierarchy update"):
+        rc, out, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    assert "links per level pair" in out
+    hamming = next(line for line in out.splitlines() if line.startswith("Hamming"))
+    assert "no links" in hamming and "0.000" not in hamming
+
+
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        (np.zeros((2048, 16), dtype=np.float32), "all zero"),
+        (np.full((2048, 16), np.inf, dtype=np.float32), "non-finite value"),
+    ],
+    ids=["zeros", "inf"],
+)
+def test_activations_without_a_scale_are_one_line(tmp_path, capsys, rows, words):
+    data = tmp_path / "a.npy"
+    np.save(data, rows)
+    rc, _, err = run_cli(train_argv(tmp_path / "run", "--data", data), capsys)
+    assert rc == 2
+    assert_one_line_error(err, words)
+
+
+def test_huge_but_finite_activations_train(tmp_path, capsys):
+    """Rows near 1e30 were reported as "all zero" (their float32 norm overflowed)."""
+    data = tmp_path / "a.npy"
+    rows = np.random.default_rng(0).standard_normal((4096, 16)) * 1e30
+    np.save(data, rows.astype(np.float32))
+    rc, _, err = run_cli(train_argv(tmp_path / "run", "--data", data), capsys)
+    assert rc == 0, err
+
+
+def test_a_text_file_named_npy_gets_no_pickle_advice(tmp_path, capsys):
+    data = tmp_path / "a.npy"
+    data.write_text("1,2,3\n4,5,6\n")
+    rc, _, err = run_cli(train_argv(tmp_path / "run", "--data", data), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "not a .npy file")
+    assert "pickle" not in err
+
+
+def test_version(capsys):
+    rc, out, _ = run_cli(["--version"], capsys)
+    assert rc == 0 and out.startswith("hsae ")
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["eval", "nowhere", "--tokens", "0"], "--tokens must be >= 1"),
+        (["train", "--out", "nowhere", "--eval-tokens", "-1"], "--eval-tokens must be >= 0"),
+        (["explore", "m", "--contexts", "c", "--out", "o", "--port", "70000"], "0..65535"),
+    ],
+    ids=["eval-tokens-0", "train-eval-tokens", "port"],
+)
+def test_bad_numbers_fail_before_any_work(tmp_path, capsys, argv, words):
+    rc, _, err = run_cli([a if a != "nowhere" else tmp_path / "x" for a in argv], capsys)
+    assert rc == 2
+    assert_one_line_error(err, words)
+
+
+def test_unknown_device_is_refused_up_front(tmp_path, capsys):
+    rc, _, err = run_cli(train_argv(tmp_path / "run", "--train.device", "tpu"), capsys)
+    assert rc == 2
+    assert_one_line_error(err, "device", "'tpu'")
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import flip_signs
 
 import hsae.io as hio
 from hsae.config import RunConfig
@@ -362,7 +363,11 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     hio.save_checkpoint(path, tensors, state)
 
     loaded, loaded_state = hio.load_checkpoint(path)
-    assert loaded_state == {**json.loads(json.dumps(state)), "format": "hsae-checkpoint/1"}
+    assert loaded_state == {
+        **json.loads(json.dumps(state)),
+        "format": "hsae-checkpoint/1",
+        "sha256": hio.checkpoint_digest(tensors, state | {"format": "hsae-checkpoint/1"}),
+    }
     assert torch.equal(loaded["w"], weight) and torch.equal(loaded["w_t"], weight.t())
     assert loaded["lam"].dtype == torch.float64
 
@@ -374,6 +379,27 @@ def test_checkpoint_without_state(tmp_path: Path) -> None:
         hio.load_checkpoint(path)
     hio.atomic_save_safetensors(path, {"w": torch.ones(2)}, {"hsae_state": '{"step": 1}'})
     with pytest.raises(FormatError, match=r"checkpoint format is None"):
+        hio.load_checkpoint(path)
+
+
+def test_checkpoint_with_changed_bytes_is_refused(tmp_path: Path) -> None:
+    """The issue's probe: 64 floats of W_enc sign-flipped, a file safetensors still reads."""
+    path = tmp_path / "ckpt.safetensors"
+    hio.save_checkpoint(path, {"W_enc": torch.randn(16, 8), "b": torch.zeros(3)}, {"step": 5})
+    flip_signs(path, "W_enc", 64)
+    assert hio.load_safetensors(path)["W_enc"].shape == (16, 8)  # still a valid file
+    with pytest.raises(FormatError) as err:
+        hio.load_checkpoint(path)
+    assert "checksum mismatch" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checkpoint_with_changed_state_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.safetensors"
+    hio.save_checkpoint(path, {"w": torch.ones(4)}, {"step": 5})
+    tensors, metadata = hio._read_safetensors(path)
+    metadata["hsae_state"] = metadata["hsae_state"].replace('"step": 5', '"step": 6')
+    hio.atomic_save_safetensors(path, tensors, metadata)
+    with pytest.raises(FormatError, match="checksum mismatch"):
         hio.load_checkpoint(path)
 
 
@@ -396,7 +422,8 @@ def test_activation_file_errors(tmp_path: Path) -> None:
     objects[:] = [[{"a": 1}, None], [1, "x"]]
     pickled = tmp_path / "objects.npy"
     np.save(pickled, objects, allow_pickle=True)
-    with pytest.raises(FormatError, match=r"objects\.npy is not a readable \.npy array"):
+    with pytest.raises(FormatError, match=r"objects\.npy is not a readable \.npy array: it "
+                       "holds pickled Python objects, which hsae never loads"):  # fmt: skip
         NpyActivations(pickled)
     ints = write_npy(tmp_path / "ints.npy", np.zeros((3, 4), np.int64))
     with pytest.raises(FormatError, match=r"ints\.npy have dtype int64, expected a float"):
@@ -405,7 +432,7 @@ def test_activation_file_errors(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match=r"empty\.npy are empty"):
         NpyActivations(empty)
     (tmp_path / "text.npy").write_text("not numpy at all")
-    with pytest.raises(FormatError, match=r"text\.npy is not a readable \.npy array"):
+    with pytest.raises(FormatError, match=r"text\.npy is not a \.npy file \(no \.npy header\)"):
         NpyActivations(tmp_path / "text.npy")
     with pytest.raises(FormatError, match=r"absent\.npy not found"):
         NpyActivations(tmp_path / "absent.npy")

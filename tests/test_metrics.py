@@ -85,11 +85,11 @@ def test_conditional_probabilities_by_hand(split: int) -> None:
     assert r["n_tokens"] == 4
 
 
-def test_empty_hierarchy_gives_nan_and_zero_hamming() -> None:
+def test_empty_hierarchy_gives_nan_not_a_perfect_hamming() -> None:
     s = PairStats(torch.full((4,), -1), n_parents=3)
     s.update(COND_P, COND_C)
     r = s.result()
-    assert r["hamming"] == 0.0
+    assert math.isnan(r["hamming"])
     assert math.isnan(r["p_parent_given_child"])
     assert math.isnan(r["p_child_given_parent"])
     assert r["n_edges"] == 0
@@ -226,10 +226,12 @@ def test_evaluate_keys_summaries_and_json() -> None:
     assert r["l0"] == pytest.approx([5 / 4, 5 / 4, 2 / 4])
     # pair 0 Hamming: OR(c0,c1) = 1,1,1,0 vs P0 = 1,1,0,1 -> t2, t3;
     # OR(c2) = 0,0,0,0 vs P1 = 0,1,1,0 -> t1, t2; OR(c3) = 0,0,0,1 vs P2 = 0 -> t3
-    # per token 0, 1, 2, 2 -> 5 / 4; pair 1 has no links -> 0; summary (1.25 + 0) / 2
+    # per token 0, 1, 2, 2 -> 5 / 4; pair 1 has no links -> undefined (NaN), not a
+    # perfect 0, and left out of the summary like its P(p|c)
     assert r["pairs"][0]["hamming"] == pytest.approx(1.25)
-    assert r["pairs"][1]["hamming"] == 0.0
-    assert r["hamming"] == pytest.approx(0.625)
+    assert math.isnan(r["pairs"][1]["hamming"])
+    assert r["hamming"] == pytest.approx(1.25)
+    assert r["n_links"] == [4, 0]
     # NaN of the unlinked pair is ignored in the summary
     assert r["p_parent_given_child"] == pytest.approx(COND_PGC)
     assert r["p_child_given_parent"] == pytest.approx(COND_CGP)

@@ -78,3 +78,19 @@ def test_posthoc_refuses_bad_input(tmp_path, sae_dirs, capsys):
     assert main(["posthoc", str(dirs[0]), str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "nope" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_posthoc_replaces_a_forest_only_when_told(tmp_path, sae_dirs, capsys):
+    dirs, _ = sae_dirs
+    out = tmp_path / "forest"
+    argv = ["posthoc", *map(str, dirs), "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "hierarchy.json").read_bytes()
+    (out / "mine.txt").write_text("not hsae's")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (out / "hierarchy.json").read_bytes() == before
+    (out / "mine.txt").unlink()
+    assert main([*argv, "--overwrite", "--tree", "full"]) == 0

@@ -148,8 +148,16 @@ def spied_core_eval(saes, world, out):
         drawn[-1].append(tokens.clone())
         return tokens
 
+    from_sae = ActivationsStore.from_sae
+
+    def opened(*args, **kwargs):
+        # a dataset's own loading script runs only when the user opts in
+        assert kwargs.get("dataset_trust_remote_code") is False
+        return from_sae(*args, **kwargs)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ActivationsStore, "get_batch_tokens", record)
+        mp.setattr(ActivationsStore, "from_sae", opened)
         results = saebench.core_eval(saes, world["lens"], world["data"], out,
                                      dataset_name="toy", progress=False, **CORE)  # fmt: skip
     return results, [batches[1:] for batches in drawn]

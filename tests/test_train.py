@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN_FLAGS
+from conftest import TINY_RUN_FLAGS, flip_signs
 
 from hsae import pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
@@ -212,6 +212,43 @@ def test_resume_from_truncated_checkpoint_names_the_file(tmp_path):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["model.W_enc.0", "hierarchy.parents.1"])
+def test_resume_from_a_changed_checkpoint_is_refused(tmp_path, name):
+    """The issue's probes: sign bits flipped in W_enc (a different model, exit 0 before) or
+    in the parents tensor (an IndexError traceback before)."""
+    checkpointed_run(tmp_path)
+    path = tmp_path / CHECKPOINT
+    flip_signs(path, name, 1 if name.startswith("hierarchy") else 64)
+    trainer = make_trainer(tiny_cfg(20), tmp_path)
+    with pytest.raises(FormatError) as err:
+        trainer.fit(resume=True)
+    one_line(str(err.value))
+    assert str(path) in str(err.value) and "checksum mismatch" in str(err.value)
+
+
+def test_a_diverged_state_is_never_checkpointed(tmp_path):
+    trainer = make_trainer(tiny_cfg(20, checkpoint_every=10), tmp_path)
+    trainer.init_fresh()
+    with torch.no_grad():
+        trainer.model.W_dec[1][3, 0] = float("nan")
+    with pytest.raises(FloatingPointError) as err:
+        trainer.save_checkpoint()
+    one_line(str(err.value))
+    assert "W_dec.1" in str(err.value) and not (tmp_path / CHECKPOINT).exists()
+
+
+def test_a_huge_learning_rate_stops_with_a_message_and_no_checkpoint(tmp_path):
+    """The issue's probe (--train.lr inf is refused up front; 1e30 is finite and diverges)."""
+    cfg = tiny_cfg(20, checkpoint_every=5, train=dict(lr=1e30, threshold_lr=1e30))
+    trainer = make_trainer(cfg, tmp_path)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.fit()
+    one_line(str(err.value))
+    if (tmp_path / CHECKPOINT).exists():  # written before it diverged: finite throughout
+        tensors = load_checkpoint(tmp_path / CHECKPOINT)[0]
+        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+
+
 # ---------------------------------------------------------------- schedule and scale
 
 
@@ -233,12 +270,49 @@ def test_resume_from_truncated_checkpoint_names_the_file(tmp_path):
 )
 def test_lr_schedule_hand_values(step, expected):
     peak = 2e-3
-    assert lr_at(step, peak, 1000, 0.1) == pytest.approx(peak * expected, rel=1e-9, abs=1e-15)
+    lr = lr_at(step, peak, 1000, 0.1, "cosine", 0.2)
+    assert lr == pytest.approx(peak * expected, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [
+        # steps = 1000, warmup_frac = 0.1, decay_frac = 0.2: warm-up as above, then the
+        # peak held to step 799, then lr = peak * (1000 - step) / 200
+        (0, 0.01),
+        (99, 1.00),
+        (100, 1.00),
+        (500, 1.00),
+        (799, 1.00),
+        (800, 1.00),  # (1000 - 800) / 200: the decay starts from the peak
+        (900, 0.50),
+        (999, 0.005),  # 1 / 200: never zero
+    ],
+)
+def test_wsd_schedule_hand_values(step, expected):
+    peak = 2e-3
+    lr = lr_at(step, peak, 1000, 0.1, "wsd", 0.2)
+    assert lr == pytest.approx(peak * expected, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (dict(schedule="linear"), "schedule"),
+        (dict(decay_frac=1.5), "decay_frac"),
+        (dict(warmup_frac=0.5, decay_frac=0.6), "warmup_frac + decay_frac"),
+    ],
+)
+def test_bad_schedule_is_refused(bad, words):
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(**bad).validate()
+    one_line(str(err.value))
+    assert words in str(err.value)
 
 
 def test_lr_schedule_shape():
     peak, steps = 1.0, 200
-    lrs = [lr_at(s, peak, steps, 0.1) for s in range(steps)]
+    lrs = [lr_at(s, peak, steps, 0.1, "cosine", 0.2) for s in range(steps)]
     warm = lrs[:20]
     assert all(b > a for a, b in zip(warm, warm[1:]))
     assert max(lrs) == pytest.approx(peak)

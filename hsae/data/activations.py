@@ -174,10 +174,15 @@ def _open_npy(path: Path, expected_d: int | None) -> np.ndarray:
         raise FormatError(f"activations file {path} not found")
     if not path.is_file():
         raise FormatError(f"activations file {path} is not a regular file")
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":  # numpy would suggest allow_pickle, which we never use
+            raise FormatError(f"activations file {path} is not a .npy file (no .npy header)")
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as err:  # pickled, truncated, not .npy at all, object dtype, ...
+    except Exception as err:  # pickled, truncated, object dtype, ...
         reason = " ".join(str(err).split())
+        if "pickle" in reason or "Python objects" in reason:
+            reason = "it holds pickled Python objects, which hsae never loads"
         raise FormatError(
             f"activations file {path} is not a readable .npy array: {reason}"
         ) from err

@@ -173,7 +173,8 @@ class CacheWriter:
         self._norm_sum = 0.0
         self.complete = False
         self.scale: float | None = None
-        self._write_manifest()
+        # no manifest until the first shard: a run that fails before any row is written
+        # must not leave settings behind that block a corrected rerun
 
     def _resume(self, path: Path) -> None:
         manifest = _check_manifest(path, io.load_json(path))

@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from hsae.config import ConfigError
+from hsae.config import ConfigError, check_finite
 
 FORMS = ("cooccurrence", "geometry", "mixed")
 RATE_CAP = 0.5
@@ -91,6 +91,7 @@ class PlantedConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` with a one-line message for the first invalid field."""
+        check_finite(self)
         for name in ("d", "n_trees", "branching", "depth"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

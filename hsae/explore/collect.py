@@ -542,4 +542,4 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled contexts (0)")
     p.add_argument("--dtype", default="float32", help="language model dtype (float32)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs={"out": "dir"})

@@ -508,4 +508,4 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, help="a .npy file or cache; default: training data")
     p.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of --data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs={"out": "dir"})

@@ -288,4 +288,4 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="largest share of unreadable replies before the run fails (default 0.2)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, outputs={"out": "file", "labels": "file"})

@@ -297,6 +297,17 @@ def make_server(site: str | Path, port: int) -> http.server.ThreadingHTTPServer:
         raise ValueError(f"cannot serve on 127.0.0.1:{port}: {err.strerror or err}") from None
 
 
+def port_number(text: str) -> int:
+    """A TCP port, checked when the flag is read (not after the site is built)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port lies in 0..65535, got {port}")
+    return port
+
+
 def cmd_explore(args: argparse.Namespace) -> None:
     site = build_site(args.model_dir, args.contexts, args.out, args.labels, not args.quiet)
     print(f"wrote {site}; open {(site / 'index.html').as_uri()}")
@@ -319,6 +330,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--labels", help="the judge's labels JSON (optional)")
     parser.add_argument("--out", required=True, help="site directory (replaced atomically)")
     parser.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="port for --serve (0: any free)")
+    parser.add_argument("--port", type=port_number, default=8000,
+                        help="port for --serve (0: any free)")  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=cmd_explore)
+    parser.set_defaults(run=cmd_explore, outputs={"out": "dir"})
