@@ -164,15 +164,19 @@ def fit_sae_lens(sae, rows: Tensor, size: Size) -> None:
     SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=row_stream(rows)(0)).fit()
 
 
-def level_weights(sae, threshold: Tensor, width: int | None = None) -> LevelWeights:
-    """A trained SAE Lens SAE (or the prefix of its first `width` latents) as a level."""
+def level_weights(sae, width: int | None = None) -> LevelWeights:
+    """A trained SAE Lens SAE (or the prefix of its first `width` latents) as a level, in
+    the form SAE Lens saves for inference: for BatchTopK the decoder norms folded into the
+    encoder and its learned global threshold given to every latent (a JumpReLU)."""
+    state = {k: v.detach().clone() for k, v in sae.state_dict().items()}
+    sae.process_state_dict_for_saving_inference(state)
     w = slice(None, width)
     return LevelWeights(
-        W_enc=sae.W_enc.detach().float()[:, w],
-        b_enc=sae.b_enc.detach().float()[w],
-        W_dec=sae.W_dec.detach().float()[w],
-        b_dec=sae.b_dec.detach().float(),
-        threshold=threshold.detach().float()[w],
+        W_enc=state["W_enc"].float()[:, w],
+        b_enc=state["b_enc"].float()[w],
+        W_dec=state["W_dec"].float()[w],
+        b_dec=state["b_dec"].float(),
+        threshold=state["threshold"].float()[w],
     )
 
 
@@ -192,7 +196,7 @@ def train_sae_lens(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
         )
         sae = JumpReLUTrainingSAE(cfg)
         fit_sae_lens(sae, rows, size)
-        levels.append(level_weights(sae, sae.threshold))
+        levels.append(level_weights(sae))
     return link_levels(levels)
 
 
@@ -216,8 +220,7 @@ def train_matryoshka(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
     )
     sae = MatryoshkaBatchTopKTrainingSAE(cfg)
     fit_sae_lens(sae, rows, size)
-    threshold = torch.full((size.levels[-1],), float(sae.topk_threshold))
-    return link_levels([level_weights(sae, threshold, n) for n in size.levels])
+    return link_levels([level_weights(sae, n) for n in size.levels])
 
 
 PEERS = {"saelens": train_sae_lens, "matryoshka": train_matryoshka}

@@ -21,6 +21,8 @@ from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, describ
 from hsae.data.planted import PlantedConfig
 from hsae.io import FormatError, atomic_write_json, load_json
 from hsae.posthoc import build_posthoc
+from hsae.report_table import format_report
+from hsae.trained import MODEL_DIR, TrainedHSAE
 
 SECTIONS = {"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig}
 
@@ -106,13 +108,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
-def source_from_args(args: argparse.Namespace, expected_d: int | None = None) -> pipeline.Source:
-    planted = sorted(f"--planted.{k}" for k in overrides(args, "planted"))
-    if planted and args.data != "planted":
-        raise ConfigError(f"{', '.join(planted)} set, but --data is {args.data!r}, not planted")
-    if args.data == "planted":
-        return pipeline.planted_source(PlantedConfig(**overrides(args, "planted")))
-    return pipeline.file_source(args.data, args.eval_frac, expected_d)
+def source_from_args(args: argparse.Namespace) -> pipeline.Source:
+    return pipeline.data_source(args.data, args.eval_frac, overrides(args, "planted"))
 
 
 # ---------------------------------------------------------------- commands
@@ -129,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     print(
         f"trained {result.summary['steps']} steps in {result.summary['seconds']:.0f} s; "
-        f"model written to {Path(args.out) / pipeline.MODEL_DIR}"
+        f"model written to {Path(args.out) / MODEL_DIR}"
     )
     if args.eval_tokens:
         report = pipeline.evaluate_model(
@@ -148,19 +145,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from hsae.plots import judge_rates
 
         judge = judge_rates(args.judge, ["hsae", "baseline"])
-    model, parents, header = pipeline.load(args.model_dir)
-    if args.data or overrides(args, "planted"):
-        source = source_from_args(args, expected_d=model.d_in)
-    else:
-        source = pipeline.source_from_description(header["config"].get("data", {}), model.d_in)
-    forests = {"model": (model, parents, header)}
+    trained = TrainedHSAE.load(args.model_dir)
+    planted = overrides(args, "planted")
+    source = pipeline.measured_source(trained, args.data, args.eval_frac, planted)
+    forests = {"model": trained}
     if args.baseline:  # both on the same held-out tokens
-        base = pipeline.load(args.baseline)
-        if base[0].d_in != model.d_in:
-            raise ValueError(f"{args.baseline}: d_in {base[0].d_in}, but {args.model_dir} "
-                             f"has {model.d_in}")  # fmt: skip
-        forests = {"hsae": forests["model"], "baseline": base}
-    reports = {name: _eval_one(*forest, source, args) for name, forest in forests.items()}
+        base = TrainedHSAE.load(args.baseline)
+        if base.d_in != trained.d_in:
+            raise ValueError(f"{args.baseline}: d_in {base.d_in}, but {args.model_dir} "
+                             f"has {trained.d_in}")  # fmt: skip
+        forests = {"hsae": trained, "baseline": base}
+    reports = {name: _eval_one(forest, source, args) for name, forest in forests.items()}
     print(format_report(reports))
     if args.json:
         atomic_write_json(args.json, reports if args.baseline else reports["model"])
@@ -173,10 +168,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(map(str, paths)))
 
 
-def _eval_one(model, parents, header: dict, source: pipeline.Source, args) -> dict:
-    report = pipeline.evaluate_model(model, parents, source, args.tokens)
+def _eval_one(trained: TrainedHSAE, source: pipeline.Source, args) -> dict:
+    report = pipeline.evaluate_model(trained.model, trained.parents, source, args.tokens)
     if args.splice:
-        report["splice"] = pipeline.splice_report(model, header, args.splice)
+        report["splice"] = pipeline.splice_report(trained, args.splice)
         report["loss_recovered"] = [lv["loss_recovered"] for lv in report["splice"]["levels"]]
     return report
 
@@ -199,7 +194,7 @@ def cmd_posthoc(args: argparse.Namespace) -> None:
     config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in args.sae_dirs],
                           "similarity": args.similarity, "tree": args.tree,
                           "unassigned_quantile": args.unassigned_quantile}}  # fmt: skip
-    io.save_trained(args.out, pipeline.level_weights(model), parents, 1.0, config, {})
+    TrainedHSAE(model, parents, config).save(args.out)
     linked = [int((p >= 0).sum()) for p in parents]
     print(
         f"post-hoc forest over {len(args.sae_dirs)} SAEs (sizes {list(model.sizes)}): "
@@ -212,60 +207,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from hsae.demo import run_demo
 
     run_demo(Path(args.out), steps=args.steps, progress=not args.quiet, seed=args.seed)
-
-
-# ---------------------------------------------------------------- report table
-
-
-ROWS = [
-    ("L0 per level", "l0", "{:.1f}"),
-    ("FVE per level", "fve", "{:.3f}"),
-    ("links per level pair", "n_links", "{:d}"),
-    ("Hamming (lower better)", "hamming", "{:.3f}"),
-    ("P(p|c)", "p_parent_given_child", "{:.3f}"),
-    ("P(c|p)", "p_child_given_parent", "{:.3f}"),
-    ("copy share of links", "copy_share", "{:.3f}"),
-    ("Hamming, non-copy links", "noncopy.hamming", "{:.3f}"),
-    ("P(p|c), non-copy links", "noncopy.p_parent_given_child", "{:.3f}"),
-    ("P(c|p), non-copy links", "noncopy.p_child_given_parent", "{:.3f}"),
-    ("recovered per level", "recovered", "{:d}"),
-    ("recovered by firing (F1)", "f1_recovered", "{:d}"),
-    ("edge precision", "edge_precision", "{:.3f}"),
-    ("recall of true edges", "recall", "{:.3f}"),
-    ("recall ceiling", "recall_ceiling", "{:.3f}"),
-    ("recall / ceiling", "recall_of_ceiling", "{:.3f}"),
-    ("loss recovered per level", "loss_recovered", "{:.3f}"),
-]
-
-
-def _lookup(report: dict, dotted: str):
-    """report["a"]["b"] for "a.b"; None where a part is missing."""
-    for part in dotted.split("."):
-        if not isinstance(report, dict) or part not in report:
-            return None
-        report = report[part]
-    return report
-
-
-def format_report(reports: dict[str, dict]) -> str:
-    names = list(reports)
-    width = max(24, *(len(label) for label, _, _ in ROWS))
-    lines = [f"{'':{width}}  " + "  ".join(f"{n:>26}" for n in names)]
-    for label, key, fmt in ROWS:
-        values = [_lookup(r, key) for r in reports.values()]
-        if any(v is None for v in values):
-            continue
-        cells = []
-        for report, value in zip(reports.values(), values, strict=True):
-            if isinstance(value, list):
-                text = " ".join(fmt.format(v) for v in value)
-            elif value != value and not any(report.get("n_links") or [1]):  # NaN, no link
-                text = "no links"
-            else:
-                text = fmt.format(value)
-            cells.append(f"{text:>26}")
-        lines.append(f"{label:{width}}  " + "  ".join(cells))
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- entry point

@@ -18,6 +18,7 @@ Links = Literal["joint", "posthoc"]
 DeadLatents = Literal["ghost_grads", "none"]
 Kernel = Literal["live", "dense"]
 Schedule = Literal["wsd", "cosine"]
+LogTarget = Literal["jsonl", "wandb"]
 
 
 REFERENCE_STEPS = 100_000
@@ -139,9 +140,14 @@ class TrainConfig:
     deterministic: bool = True
     """Deterministic kernels: a resumed run ends bit-identical to an uninterrupted one."""
     kernel: Kernel = "live"
-    """live: compute the loss over live entries only (hsae/sparse.py, fast); dense: exactly
+    """live: compute the loss over live entries only (hsae/losses_live.py, fast); dense: exactly
     as the formulas read (the reference, several times slower)."""
     progress: bool = True
+    log: LogTarget = "jsonl"
+    """Where the training curve goes: train_log.jsonl in the run directory (always), and
+    with wandb also to Weights & Biases (WANDB_MODE=offline keeps it local)."""
+    log_every: int = 25
+    """Steps between lines of the training log (and checks that the loss is finite)."""
 
     def scaled_lr(self) -> float:
         """lr for this run's length: lr * sqrt(REFERENCE_STEPS / steps) (5e-3 at 1k steps).
@@ -166,7 +172,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         check_finite(self)
-        for name in ("steps", "batch_size", "dead_after", "scale_tokens"):
+        for name in ("steps", "batch_size", "dead_after", "scale_tokens", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
@@ -178,6 +184,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         _check_choice("dead_latents", self.dead_latents, DeadLatents)
         _check_choice("schedule", self.schedule, Schedule)
+        _check_choice("log", self.log, LogTarget)
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1:

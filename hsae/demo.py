@@ -1,6 +1,6 @@
 """`hsae demo`: the embedded default run.
 
-Builds a planted forest (DESIGN section 7), trains HSAE and the post-hoc baseline on the
+Builds a planted forest (design §7), trains HSAE and the post-hoc baseline on the
 same stream with the same budget, evaluates both on held-out draws, prints a side-by-side
 table and writes `report.json` and the two model directories.
 
@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from hsae import pipeline
-from hsae.cli import format_report
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig, PlantedForest, match_features
 from hsae.hierarchy import children_lists
 from hsae.io import atomic_write_json
 from hsae.model import HSAE
+from hsae.report_table import format_report
 
 DEMO_STEPS = 2500
 EVAL_TOKENS = 65536

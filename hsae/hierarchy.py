@@ -19,7 +19,8 @@ from torch import Tensor
 
 from hsae import distributed
 from hsae.config import HSAEConfig
-from hsae.model import HSAE, has_children
+from hsae.losses import has_children
+from hsae.model import HSAE
 
 
 def unlinked(sizes: tuple[int, ...], device: torch.device | str = "cpu") -> list[Tensor]:

@@ -9,7 +9,7 @@ Three rules hold for everything here:
 * bad input raises :class:`FormatError`, a ``ValueError`` whose one-line message names the
   file and the problem, instead of a traceback from deep inside a parser.
 
-The trained-model directory (DESIGN section 6) is::
+The trained-model directory (design §6) is::
 
     hsae.json          {"format": "hsae/1", "d_in", "sizes", "scale", "config", "summary"}
     hierarchy.json     {"parents": [null, [p_0, p_1, ...], ...]}

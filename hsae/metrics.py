@@ -1,4 +1,4 @@
-"""Evaluation measures (paper section 4.2; DESIGN.md section 5) — one definition each.
+"""Evaluation measures (paper section 4.2; design §5) — one definition each.
 
 Everything here streams over batches of held-out activations: each measure is an
 accumulator with ``update(...)`` per batch and ``result() -> dict``, so no call ever

@@ -27,8 +27,7 @@ from hsae.metrics import FiringMatch, evaluate_with_copies
 from hsae.model import HSAE
 from hsae.splice import splice_eval
 from hsae.train import CHECKPOINT, Trainer, TrainResult
-
-MODEL_DIR = "model"
+from hsae.trained import MODEL_DIR, TrainedHSAE
 
 
 @dataclass
@@ -98,6 +97,27 @@ def data_fingerprint(rows: NpyActivations | CachedActivations) -> str:
         f.seek(max(0, size - chunk))
         digest.update(f.read(chunk))
     return digest.hexdigest()
+
+
+def data_source(
+    data: str, eval_frac: float, planted: dict | None = None, expected_d: int | None = None
+) -> Source:
+    """`--data`: "planted" (with the `--planted.*` settings) or a .npy file / cache."""
+    if planted and data != "planted":
+        flags = ", ".join(sorted(f"--planted.{k}" for k in planted))
+        raise ConfigError(f"{flags} set, but --data is {data!r}, not planted")
+    if data == "planted":
+        return planted_source(PlantedConfig(**(planted or {})))
+    return file_source(data, eval_frac, expected_d)
+
+
+def measured_source(
+    trained: TrainedHSAE, data: str | None, eval_frac: float, planted: dict | None = None
+) -> Source:
+    """What to measure a trained model on: `--data` when given, else its training data."""
+    if data or planted:
+        return data_source(data, eval_frac, planted, trained.d_in)
+    return source_from_description(trained.data, trained.d_in)
 
 
 def source_from_description(description: dict, expected_d: int) -> Source:
@@ -205,48 +225,8 @@ def check_new_run(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
 
 
 def save(result: TrainResult, cfg: RunConfig, source: Source, directory: Path) -> None:
-    model = result.model
     config = cfg.to_dict() | {"data": source.description}
-    io.save_trained(
-        directory,
-        level_weights(model),
-        result.hierarchy.parents,
-        float(model.scale),
-        config,
-        result.summary,
-    )
-
-
-def level_weights(model: HSAE) -> list[io.LevelWeights]:
-    return [
-        io.LevelWeights(
-            *(
-                p[level].detach()
-                for p in (model.W_enc, model.b_enc, model.W_dec, model.b_dec, model.threshold)
-            )
-        )
-        for level in range(model.n_levels)
-    ]
-
-
-def load(directory: str | Path) -> tuple[HSAE, list[Tensor], dict]:
-    """A trained directory (or a run directory holding one in model/) as a model."""
-    directory = Path(directory)
-    if (directory / MODEL_DIR / "hsae.json").exists():
-        directory = directory / MODEL_DIR
-    levels, parents, scale, header = io.load_trained(directory)
-    cfg = header.get("config", {})
-    bandwidth = cfg.get("model", {}).get("bandwidth", 0.05)
-    model = HSAE(int(header["d_in"]), tuple(header["sizes"]), bandwidth)
-    with torch.no_grad():
-        for level, w in enumerate(levels):
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
-                getattr(model, name)[level].copy_(getattr(w, name))
-        model.scale.fill_(scale)
-    return model, parents, header
-
-
-# ---------------------------------------------------------------- evaluate
+    TrainedHSAE(result.model, result.hierarchy.parents, config, result.summary).save(directory)
 
 
 @torch.no_grad()
@@ -257,7 +237,7 @@ def evaluate_model(
 
     def batches():
         for x_raw in source.heldout(n_tokens, 1024, seed):
-            x = x_raw.to(model.scale.device).float() * model.scale
+            x = model.scaled(x_raw)
             acts = model.encode(x)
             yield x, acts, [model.decode(a, level) for level, a in enumerate(acts)]
 
@@ -279,14 +259,14 @@ def firing_match(model: HSAE, forest: PlantedForest, n_tokens: int, seed: int) -
     """Matching by firing (hsae.metrics.FiringMatch) on the held-out planted draws."""
     match = FiringMatch(forest.n_features, model.sizes)
     for x_raw, active in planted_heldout(forest, 1024, n_tokens, seed):
-        match.update(active, model.encode(x_raw.to(model.scale.device).float() * model.scale))
+        match.update(active, model.encode_raw(x_raw))
     return match.result()
 
 
-def splice_report(model: HSAE, header: dict, n_texts: int, batch_size: int = 8) -> dict:
+def splice_report(trained: TrainedHSAE, n_texts: int, batch_size: int = 8) -> dict:
     """Loss recovered per level on texts the cache never saw (those after its last text),
     for a model trained on an `hsae cache` directory."""
-    data = header.get("config", {}).get("data", {})
+    data = trained.data
     if data.get("kind") != "cache":
         raise ConfigError("--splice needs a model trained on an `hsae cache` directory")
     cache = CachedActivations(data["path"])
@@ -305,7 +285,7 @@ def splice_report(model: HSAE, header: dict, n_texts: int, batch_size: int = 8) 
         lm.tokenizer,
         lm.kind,
         meta["layer"],
-        model,
+        trained.model,
         itertools.chain([first], unseen),
         context_len=meta["context_len"],
         batch_size=batch_size,

@@ -5,8 +5,8 @@ ablation charts (Figures 4, 7, 9: one bar per run; Figure 8: FVE against Hamming
 `hsae eval MODEL --baseline BASE --plots DIR` draws the first two from a fresh
 evaluation; `hsae plots compare|ablation REPORT.json ...` draws them from saved reports
 (`hsae eval --json`, or any JSON object whose values are such reports, as the demo's
-report.json). matplotlib is imported only when a figure is drawn, with the Agg canvas
-(no display, no pyplot state).
+report.json); `hsae plots curves RUN` draws a run's training log. matplotlib is imported
+only when a figure is drawn, with the Agg canvas (no display, no pyplot state).
 """
 
 from __future__ import annotations
@@ -243,6 +243,50 @@ def write_ablation(reports: dict[str, dict], out: str | Path) -> list[Path]:
     return [save_png(ablation_figure(reports), Path(out) / "ablation.png")]
 
 
+# ---------------------------------------------------------------- training curves
+
+CURVES = [
+    ("loss terms (section 3.1)", ["reconstruction", "sparsity", "pc", "ghost"], True),
+    ("L0 per level", ["l0"], False),
+    ("FVE per level", ["fve"], False),
+    ("λ per level", ["lambda"], True),
+    ("dead fraction per level", ["dead_frac"], False),
+    ("learning rate", ["lr"], False),
+]
+
+
+def curves_figure(records: list[dict]):
+    """One panel per CURVES entry against the step: scalars by name, lists by level."""
+    fig, axes = new_figure(len(CURVES), columns=3)
+    steps = [r["step"] for r in records]
+    for ax, (title, keys, log_scale) in zip(axes, CURVES, strict=True):
+        for key in keys:
+            values = [r.get(key) for r in records]
+            if values and isinstance(values[0], list):
+                for level in range(len(values[0])):
+                    ax.plot(steps, [v[level] for v in values], label=f"level {level}")
+            elif any(v for v in values):
+                ax.plot(steps, values, label=key)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        if log_scale:
+            ax.set_yscale("symlog", linthresh=1e-4)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def write_curves(run_dir: str | Path, out: str | Path) -> list[Path]:
+    from hsae.train_log import LOG_FILE, read_log
+
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        raise FormatError(f"{path}: no training log (runs write one since hsae 0.1)")
+    records = read_log(path)
+    if not records:
+        raise FormatError(f"{path}: the training log holds no line yet")
+    return [save_png(curves_figure(records), Path(out) / "curves.png")]
+
+
 def named_reports(paths: list[str], labels: str | None, per_level: bool) -> dict[str, dict]:
     """All reports of all files, renamed by --labels (comma-separated) when given."""
     reports: dict[str, dict] = {}
@@ -260,6 +304,9 @@ def named_reports(paths: list[str], labels: str | None, per_level: bool) -> dict
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.kind == "curves":
+        print("wrote " + ", ".join(map(str, write_curves(args.run_dir, args.out))))
+        return
     ablation = args.kind == "ablation"
     reports = named_reports(args.reports, args.labels, per_level=ablation)
     if ablation:
@@ -282,3 +329,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         if kind == "compare":
             k.add_argument("--judge", help="an hsae judge report: adds the yes-rate panel")
         k.set_defaults(run=run, outputs={"out": "dir"})
+    k = kinds.add_parser("curves", help="a run's training curves (its train_log.jsonl)")
+    k.add_argument("run_dir", help="run directory (hsae train --out)")
+    k.add_argument("--out", required=True, help="output directory for curves.png")
+    k.set_defaults(run=run, outputs={"out": "dir"})

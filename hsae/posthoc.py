@@ -23,6 +23,7 @@ from hsae.config import HSAEConfig
 from hsae.hierarchy import Hierarchy
 from hsae.io import FormatError, LevelWeights
 from hsae.model import HSAE
+from hsae.trained import model_from_levels
 
 ARCHITECTURES = ("jumprelu", "standard")
 
@@ -74,11 +75,7 @@ def link_levels(
     cfg = HSAEConfig(sizes=sizes, target_l0=1, similarity=similarity, tree=tree,
                      unassigned_quantile=unassigned_quantile)  # fmt: skip
     cfg.validate()  # increasing sizes, a valid tree and quantile
-    model = HSAE(widths.pop(), sizes, cfg.bandwidth)
-    with torch.no_grad():
-        for index, level in enumerate(levels):
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold"):
-                getattr(model, name)[index].copy_(getattr(level, name))
+    model = model_from_levels(levels, cfg.bandwidth, scale=1.0)
     hierarchy = Hierarchy(cfg)
     hierarchy.update(model)
     return model, hierarchy.parents

@@ -1,6 +1,6 @@
 """SAEBench on every level of a trained HSAE (`hsae saebench`): the paper's Table 1.
 
-Each level of a trained directory is an SAE Lens JumpReLU SAE (DESIGN section 6), and
+Each level of a trained directory is an SAE Lens JumpReLU SAE (design §6), and
 SAEBench evaluates SAE Lens SAEs against a TransformerLens model. What this module adds:
 
 * the metadata SAEBench reads and our export leaves empty: the TransformerLens model name
@@ -29,6 +29,7 @@ from typing import Any
 
 from hsae import io
 from hsae.config import ConfigError
+from hsae.trained import data_of, read_header, trained_directory
 
 RANDOM_SEED = 42  # SAEBench's seed for every eval and for the core eval's dataset shuffle
 CORE_DEFAULTS = {"context_size": 128, "batch_prompts": 16, "recon_batches": 200,
@@ -75,7 +76,7 @@ def lens_model_name(name: str) -> str:
 
 def training_cache(model_dir: Path) -> dict | None:
     """The manifest of the ``hsae cache`` a trained directory was trained on, if it is there."""
-    data = io.load_json(model_dir / "hsae.json").get("config", {}).get("data", {})
+    data = data_of(read_header(model_dir).get("config", {}))
     manifest = Path(str(data.get("path", ""))) / "manifest.json"
     if data.get("kind") != "cache" or not manifest.is_file():
         return None
@@ -100,16 +101,6 @@ def norm_check(results: dict[str, dict], manifest: dict) -> str:
     if not 0.5 < bench / cached < 2:
         line += " (far apart: check --hook and the model)"
     return line
-
-
-def model_directory(path: str | os.PathLike) -> Path:
-    """A trained directory, or a run directory holding one in model/."""
-    path = Path(path)
-    if (path / "model" / "hsae.json").is_file():
-        path = path / "model"
-    if not (path / "hsae.json").is_file():
-        raise io.FormatError(f"{path}: not a trained HSAE directory (no hsae.json)")
-    return path
 
 
 def level_metadata(
@@ -150,8 +141,8 @@ def load_levels(
     """(name, SAE Lens SAE) per level, decoder norms folded, with SAEBench's metadata set."""
     from sae_lens import SAE
 
-    model_dir = model_directory(model_dir)
-    sizes = io.load_json(model_dir / "hsae.json")["sizes"]
+    model_dir = trained_directory(model_dir)
+    sizes = read_header(model_dir)["sizes"]
     meta = level_metadata(model_dir, model_name, hook)
     chosen = range(len(sizes)) if levels is None else levels
     run = model_dir.parent.name if model_dir.name == "model" else model_dir.name
@@ -344,7 +335,7 @@ def run(args: argparse.Namespace) -> None:
     api_key = os.environ.get("OPENAI_API_KEY")
     if "autointerp" in evals and not api_key:
         raise ConfigError("autointerp needs an OpenAI key in the OPENAI_API_KEY variable")
-    model_directory(args.model_dir)  # a wrong path fails before the slow imports
+    trained_directory(args.model_dir)  # a wrong path fails before the slow imports
     sae_bench()  # and so does a missing SAEBench
     import torch
 
@@ -383,7 +374,7 @@ def _run_core(args: argparse.Namespace, saes: list, model_name: str, device: str
         llm_dtype=args.llm_dtype, device=device, progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
-    manifest = training_cache(model_directory(args.model_dir))
+    manifest = training_cache(trained_directory(args.model_dir))
     if manifest and "row_norm_sum" in manifest:
         print(norm_check(results, manifest))
 

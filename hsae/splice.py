@@ -142,13 +142,6 @@ def locate_hidden_state(model: nn.Module, layer: int, inputs: dict[str, Tensor])
 # ---------------------------------------------------------------- the evaluation
 
 
-def reconstruct(hsae: HSAE, x: Tensor, level: int) -> Tensor:
-    """x_hat = SAE_l(s x) / s for raw rows x [n, d] (the level's part of ``hsae.encode``)."""
-    s = hsae.scale
-    acts = hsae.activate(hsae.pre_acts(x * s, level), level)
-    return hsae.decode(acts, level) / s
-
-
 def _batches(texts: Iterable[str], size: int, limit: int | None) -> Iterator[list[str]]:
     it = iter(texts) if limit is None else itertools.islice(texts, limit)
     while batch := list(itertools.islice(it, size)):
@@ -389,7 +382,7 @@ def _zero(x: Tensor) -> Tensor:
 def _splice_rows(hsae: HSAE, level: int, x: Tensor) -> Tensor:
     if x.shape[-1] != hsae.d_in:
         raise ValueError(f"the hidden state has d={x.shape[-1]}, the HSAE reads {hsae.d_in}")
-    x_hat = reconstruct(hsae, x.to(hsae.scale.device, torch.float32), level)
+    x_hat = hsae.reconstruct_raw(x, level)
     return x_hat.to(x.device, x.dtype)
 
 

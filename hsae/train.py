@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
+from hsae.controller import SparsityController
 from hsae.hierarchy import Hierarchy
-from hsae.model import HSAE, LossInputs, LossOutput, draw_substitution
-from hsae.sparse import capacity_for
-from hsae.sparsity import SparsityController
+from hsae.losses import LossInputs, LossOutput, draw_substitution
+from hsae.losses_live import capacity_for
+from hsae.model import HSAE
+from hsae.train_log import TrainLog
 
 Stream = Callable[[int], Iterator[Tensor]]
 """stream(start_step) yields the raw (unscaled) batch of every step from start_step on."""
@@ -232,7 +234,7 @@ class Trainer:
 
     def _comparable_config(self) -> dict:
         cfg = self.cfg.to_dict()
-        for volatile in ("progress", "checkpoint_every", "device"):
+        for volatile in ("progress", "checkpoint_every", "device", "log", "log_every"):
             cfg["train"].pop(volatile)
         cfg["model"]["sizes"] = list(cfg["model"]["sizes"])
         return cfg
@@ -289,6 +291,7 @@ class Trainer:
         self.model.project_decoder_grads()
         self.opt.step()
         self.model.apply_constraints()
+        self.last_lambdas = self.controller.lambdas.clone()  # the ones this step's loss used
         self.controller.update(distributed.mean(out.l0))
         self._track_firing(out.fired)
         if self.hierarchy.coact is not None:  # co-activation similarity: an EMA of co-firing
@@ -338,6 +341,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         start, started_at = self.step, time.perf_counter()
+        log = self._open_log(resume)
         batches = self.stream(self.step)
         bar = tqdm(
             total=t.steps,
@@ -346,14 +350,22 @@ class Trainer:
             desc=self.out_dir.name,
             dynamic_ncols=True,
         )
-        while self.step < t.steps:
-            loss = self.train_step(next(batches))
-            bar.update(1)
-            if self.step % 25 == 0 or self.step == t.steps:
-                self._check_finite(loss)
-                bar.set_postfix_str(self.progress_line(), refresh=False)
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                self.save_checkpoint()
+        last_log = (self.step, time.perf_counter())
+        try:
+            while self.step < t.steps:
+                loss = self.train_step(next(batches))
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self._check_finite(loss)
+                    bar.set_postfix_str(self.progress_line(), refresh=False)
+                    if log is not None:
+                        log.write(self.log_record(loss, *last_log))
+                        last_log = (self.step, time.perf_counter())
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+        finally:
+            if log is not None:
+                log.close()
         bar.close()
         if self.cfg.model.links == "posthoc":
             self.hierarchy.update(self.model)
@@ -372,6 +384,34 @@ class Trainer:
                 stacklevel=2,
             )
             self.dropped.zero_()
+
+    def _open_log(self, resume: bool) -> TrainLog | None:
+        if not distributed.is_main():
+            return None
+        wandb_config = self.cfg.to_dict() if self.cfg.train.log == "wandb" else None
+        return TrainLog(self.out_dir, self.step if resume else None, wandb_config)
+
+    def log_record(self, loss: Tensor, since_step: int, since_time: float) -> dict:
+        """One line of train_log.jsonl: the latest step's loss by its named terms (section
+        3.1), per level L0, FVE, lambda and dead fraction, and the throughput."""
+        out, t = self.last, self.cfg.train
+        seconds = time.perf_counter() - since_time
+        tokens = (self.step - since_step) * t.batch_size
+        return {
+            "step": self.step,
+            "tokens": self.step * t.batch_size,
+            "lr": self.opt.param_groups[0]["lr"],
+            "loss": loss.item(),
+            "reconstruction": out.mse.sum().item(),
+            "sparsity": out.sparsity.item(),
+            "pc": self.cfg.model.rho * out.pc.item(),
+            "ghost": out.ghost.item(),
+            "l0": out.l0.tolist(),
+            "fve": out.fve.tolist(),
+            "lambda": self.last_lambdas.tolist(),
+            "dead_frac": [(s >= t.dead_after).float().mean().item() for s in self.since_fired],
+            "tokens_per_s": round(tokens / seconds, 1) if seconds > 0 else None,
+        }
 
     def progress_line(self) -> str:
         out = self.last

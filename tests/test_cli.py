@@ -208,7 +208,7 @@ def test_help_exits_zero(command, capsys):
 def test_bad_flag_is_one_line_error(flags, needles, tmp_path, capsys, leftovers):
     out = tmp_path / "run"
     rc, _, err = run_cli(train_argv(out, *flags), capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, *needles)
     assert_nothing_written(out, leftovers)
     assert not out.exists() or not any(out.iterdir()), "nothing may be written on bad config"
@@ -226,7 +226,7 @@ def test_non_finite_training_rows_are_refused(bad_row, bad_value, tmp_path, caps
     data = write_npy("bad.npy", NPY_ROWS, NPY_D, bad_row=bad_row, bad_value=bad_value)
     out = tmp_path / "run"
     rc, _, err = run_cli(train_argv(out, "--data", data), capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(data), "non-finite")
     assert_nothing_written(out, leftovers)
 
@@ -234,7 +234,7 @@ def test_non_finite_training_rows_are_refused(bad_row, bad_value, tmp_path, caps
 def test_missing_checkpoint_with_resume(tmp_path, capsys, leftovers):
     out = tmp_path / "run"
     rc, _, err = run_cli(train_argv(out, "--resume"), capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(out / CHECKPOINT))
     assert_nothing_written(out, leftovers)
 
@@ -245,7 +245,7 @@ def test_truncated_checkpoint_with_resume(npy_run, tmp_path, capsys, leftovers):
     data = (npy_run["out"] / CHECKPOINT).read_bytes()
     (out / CHECKPOINT).write_bytes(data[: len(data) // 2])
     rc, _, err = run_cli(train_argv(out, "--data", npy_run["data"], "--resume"), capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(out / CHECKPOINT))
     assert_nothing_written(out, leftovers)
     assert (out / CHECKPOINT).stat().st_size == len(data) // 2, "the bad file is left as it was"
@@ -257,7 +257,7 @@ def test_resume_of_a_complete_checkpoint_with_another_config(npy_run, tmp_path, 
     shutil.copy(npy_run["out"] / CHECKPOINT, out / CHECKPOINT)
     argv = train_argv(out, "--data", npy_run["data"], "--resume", "--model.rho", "0.5")
     rc, _, err = run_cli(argv, capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(out / CHECKPOINT), "different configuration")
     assert_nothing_written(out, leftovers)
 
@@ -299,7 +299,7 @@ def test_bad_config_file_is_one_line_error(section, patch, needles, tmp_path, ca
     path.write_text(json.dumps(config))
     out = tmp_path / "run"
     rc, _, err = run_cli(["train", "--out", out, "--config", path, *DATA_FLAGS], capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, *needles)
     assert_nothing_written(out, leftovers)
 
@@ -317,7 +317,7 @@ def test_base_config_file_alone_trains(tmp_path, capsys):
 def test_missing_config_file(tmp_path, capsys, leftovers):
     out = tmp_path / "run"
     rc, _, err = run_cli(train_argv(out, "--config", tmp_path / "nope.json"), capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(tmp_path / "nope.json"))
     assert_nothing_written(out, leftovers)
 
@@ -330,7 +330,7 @@ def test_eval_npy_of_another_width(npy_run, tmp_path, capsys, write_npy):
     report = tmp_path / "report.json"
     argv = ["eval", npy_run["out"], "--data", data, "--tokens", 256, "--json", report]
     rc, stdout, err = run_cli(argv, capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(data), str(NPY_D // 2), str(NPY_D))
     assert not report.exists()
     assert "L0 per level" not in stdout
@@ -338,7 +338,7 @@ def test_eval_npy_of_another_width(npy_run, tmp_path, capsys, write_npy):
 
 def test_eval_missing_model_dir(tmp_path, capsys):
     rc, _, err = run_cli(["eval", tmp_path / "nowhere"], capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(tmp_path / "nowhere"))
 
 
@@ -348,7 +348,7 @@ def test_eval_run_dir_without_model(npy_run, tmp_path, capsys):
     run.mkdir()
     shutil.copy(npy_run["out"] / CHECKPOINT, run / CHECKPOINT)
     rc, _, err = run_cli(["eval", run], capsys)
-    assert rc != 0
+    assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(run))
 
 

@@ -16,13 +16,14 @@ import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-from hsae import io, pipeline  # noqa: E402
+from hsae import pipeline  # noqa: E402
 from hsae.cli import main  # noqa: E402
 from hsae.data import extract as ex  # noqa: E402
 from hsae.explore.collect import Batch, LevelCollector, collect_contexts, token_strings  # noqa: E402
 from hsae.explore.contexts import ContextStore  # noqa: E402
 from hsae.io import FormatError  # noqa: E402
 from hsae.model import HSAE  # noqa: E402
+from hsae.trained import TrainedHSAE  # noqa: E402
 
 WORDS = [
     "the",
@@ -449,9 +450,7 @@ def test_corrupt_or_truncated_store_names_the_file(setups, tmp_path):
 
 def _save_model(model: HSAE, directory: Path, data: dict) -> Path:
     parents = [torch.arange(n) % model.sizes[i] for i, n in enumerate(model.sizes[1:])]
-    io.save_trained(
-        directory, pipeline.level_weights(model), parents, float(model.scale), {"data": data}, {}
-    )
+    TrainedHSAE(model, parents, {"data": data}).save(directory)
     return directory
 
 

@@ -50,3 +50,22 @@ def test_says_so_when_every_link_is_a_copy() -> None:
     model, parents, _ = two_levels(forest)
     every = set(torch.nonzero(parents[0] >= 0).flatten().tolist())
     assert describe_tree(model, parents, forest, [every]).startswith("no learned tree")
+
+
+def test_the_demo_command_runs_end_to_end(tmp_path, capsys):
+    """`hsae demo`, shortened: both models trained, evaluated, the table and a tree printed,
+    report.json written with the same numbers."""
+    import json
+
+    from hsae.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "60", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) >= {"hsae", "baseline", "seconds"}
+    fve = next(line for line in printed.splitlines() if line.startswith("FVE per level"))
+    assert fve.split()[3:7] == [f"{v:.3f}" for v in report["hsae"]["fve"]]
+    assert "level 0 #" in printed or "no learned tree" in printed
+    for name in ("hsae", "baseline"):
+        assert (out / name / "model" / "hsae.json").is_file()

@@ -34,6 +34,7 @@ from hsae import pipeline
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig, score_against_truth
 from hsae.io import load_json
+from hsae.trained import TrainedHSAE
 
 FOREST = dict(
     d=32,
@@ -172,10 +173,11 @@ def test_recovers_planted_features_and_edges(trained):
 
 def test_saved_directory_reloads_with_the_same_weights_and_parents(trained):
     out, result = trained["out"], trained["result"]
-    model, parents, header = pipeline.load(out)
+    loaded = TrainedHSAE.load(out)
+    model, parents = loaded.model, loaded.parents
     trained_model = result.model
-    assert header["sizes"] == list(SIZES) and header["d_in"] == FOREST["d"]
-    assert header["summary"]["steps"] == 2000
+    assert loaded.sizes == list(SIZES) and loaded.d_in == FOREST["d"]
+    assert loaded.summary["steps"] == 2000
     assert load_json(out / "model" / "hsae.json")["config"]["model"]["target_l0"] == TARGET_L0
     assert float(model.scale) == float(trained_model.scale)
     assert len(parents) == len(result.hierarchy.parents) == len(SIZES) - 1

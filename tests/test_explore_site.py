@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hsae.cli import main
 from hsae.explore.contexts import ContextStore, empty_level
 from hsae.explore.site import build_site, js_payload, make_server, shard_of, token_index
 from hsae.io import LevelWeights, save_trained
+from hsae.trained import TrainedHSAE
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -243,16 +245,32 @@ def test_token_text_is_shown_as_text_and_never_runs(page):
     assert page.evaluate("window.__xss") is None
 
 
-def test_content_security_policy_blocks_inline_script_as_a_second_guard(browser, planted):
+def _inline_handler_runs(browser, site: Path) -> bool:
     tab = browser.new_page()  # the policy in force this time
-    tab.goto((planted["site"] / "index.html").as_uri())
+    tab.goto((site / "index.html").as_uri())
     tab.wait_for_selector("body[data-ready]", timeout=10_000)
     tab.evaluate(
         "document.body.insertAdjacentHTML('beforeend', '<img src=x onerror=\"window.__csp=1\">')"
     )
     tab.wait_for_timeout(200)
-    assert tab.evaluate("window.__csp") is None
+    ran = tab.evaluate("window.__csp") == 1
     tab.close()
+    return ran
+
+
+def test_content_security_policy_blocks_inline_script_as_a_second_guard(
+    browser, planted, tmp_path
+):
+    assert not _inline_handler_runs(browser, planted["site"])
+    # positive control: the same site without the policy runs the payload, so the check
+    # above can fail
+    bare = tmp_path / "bare"
+    shutil.copytree(planted["site"], bare)
+    page = (bare / "index.html").read_text()
+    without = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", page, flags=re.S)
+    assert without != page
+    (bare / "index.html").write_text(without)
+    assert _inline_handler_runs(browser, bare)
 
 
 def test_shard_hash_agrees_with_the_page(page):
@@ -422,16 +440,25 @@ def test_bad_input_is_one_line_and_exit_2(planted, tmp_path, capsys, leftovers):
     store = planted_store()
     store.levels = store.levels[:2]
     store.save(other)
+    # the probe: another model's store with the same sizes
+    twin = tmp_path / "twin"
+    write_model(twin, SIZES, PARENTS, d=5)
+    stolen = tmp_path / "stolen_contexts"
+    store = planted_store()
+    store.meta |= {"model": str(twin), "model_sha256": TrainedHSAE.load(twin).fingerprint()}
+    store.save(stolen)
     out = str(tmp_path / "out")
     cases = [
         ([str(tmp_path / "nope"), "--contexts", contexts], "nope"),
         ([model, "--contexts", str(tmp_path / "missing")], "contexts.json"),
         ([model, "--contexts", str(other)], "levels [3, 5]"),
+        ([model, "--contexts", str(stolen)], "collected from another model"),
         ([model, "--contexts", contexts, "--labels", str(bad_json)], "invalid JSON"),
         ([model, "--contexts", contexts, "--labels", str(far)], "'2:7'"),
         ([model, "--contexts", contexts, "--out", str(foreign)], "refusing"),
         ([model], "--contexts"),
         ([model, "--contexts", contexts, "--port", "x"], "--port"),
+        ([model, "--contexts", contexts, "--serve", "--port", "70000"], "0..65535"),
     ]
     for argv, needle in cases:
         argv = ["explore", *argv] + ([] if "--out" in argv else ["--out", out])

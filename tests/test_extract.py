@@ -280,7 +280,10 @@ def test_bf16_model_gives_float32(models, tmp_path):
     assert next(lm16.model.parameters()).dtype == torch.bfloat16
     acts = _all(lm16, TEXTS[:2], layer=1)
     assert acts.dtype == torch.float32
-    torch.testing.assert_close(acts, _all(lm32, TEXTS[:2], layer=1), rtol=0.05, atol=0.1)
+    ref = _all(lm32, TEXTS[:2], layer=1)
+    # bf16 keeps ~3 significant digits: the error is a few per mille of the activations'
+    # size (an all-zero or shuffled result would be off by 100 % or more)
+    assert ((acts - ref).norm() / ref.norm()).item() < 0.02
 
 
 def test_progress_bar_counts_tokens(models, capsys):
@@ -297,8 +300,14 @@ def test_real_minilm_layer3():
     assert (lm.kind, lm.d_model, lm.n_layers, lm.max_len) == ("encoder", 384, 6, 512)
     texts = ["Sparse autoencoders split activations.", "Features form a tree."]
     acts = _all(lm, texts, layer=3)
-    expected = sum(len(lm.tokenizer(t)["input_ids"]) - 2 for t in texts)
-    assert acts.shape == (expected, 384) and torch.isfinite(acts).all()
+    # Hugging Face's own hidden_states[3], text by text, without [CLS] and [SEP]
+    want = []
+    for text in texts:
+        enc = lm.tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            hidden = lm.model(**enc, output_hidden_states=True).hidden_states[3]
+        want.append(hidden[0, 1:-1])
+    torch.testing.assert_close(acts, torch.cat(want), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------

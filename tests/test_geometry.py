@@ -68,7 +68,10 @@ def hand_model(tmp_path_factory) -> dict:
     save_trained(root / "model", levels, [torch.tensor([0, 0, 1, 1, -1])], 1.0, config, {})
     flat = root / "flat"  # the same levels without links: nothing to measure
     save_trained(flat, levels, [torch.tensor([-1, -1, -1, -1, -1])], 1.0, config, {})
-    return {"root": root, "model": root / "model", "flat": flat, "x": x, "which": which}
+    mixed = root / "mixed"  # wrong links: each parent's children lie in different blobs
+    save_trained(mixed, levels, [torch.tensor([0, 1, 0, 1, -1])], 1.0, config, {})
+    return {"root": root, "model": root / "model", "flat": flat, "mixed": mixed, "x": x,
+            "which": which}  # fmt: skip
 
 
 def _expected_ratio(hand: dict, children: list[int], unrelated: int) -> float:
@@ -232,7 +235,7 @@ def test_control_stand_ins_are_live_and_unlinked():
 
 def test_cli_number_on_a_hand_built_forest(hand_model, tmp_path, capsys):
     out = tmp_path / "geo"
-    argv = ["geometry", hand_model["model"], "--baseline", hand_model["model"], "--out", out,
+    argv = ["geometry", hand_model["model"], "--baseline", hand_model["mixed"], "--out", out,
             "--parents", 10, "--per-feature", 50, "--pngs", 0, "--quiet"]  # fmt: skip
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 0, err
@@ -245,9 +248,12 @@ def test_cli_number_on_a_hand_built_forest(hand_model, tmp_path, capsys):
             assert r["unrelated"] not in r["children"]
             expected = _expected_ratio(hand_model, r["children"], r["unrelated"])
             assert r["ratio"] == pytest.approx(expected, rel=0.05)
-            assert r["ratio"] > 1.2
-    assert report["hsae"]["summary"]["ratio"] == report["baseline"]["summary"]["ratio"]
-    assert report["hsae_minus_baseline"]["ratio"] == 0.0
+            # right links: siblings share a blob axis; wrong links: they do not
+            assert r["ratio"] > 1.2 if name == "hsae" else r["ratio"] < 1.1
+    hsae, base = (report[name]["summary"]["ratio"] for name in ("hsae", "baseline"))
+    assert report["hsae_minus_baseline"]["ratio"] == pytest.approx(hsae - base)
+    low, high = report["hsae_minus_baseline"]["ratio_ci95"]
+    assert 0.1 < low <= hsae - base <= high
     assert "ratio" in stdout and "baseline" in stdout
 
 

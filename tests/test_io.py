@@ -61,7 +61,7 @@ def save_example(directory: Path, scale: float = 2.0, seed: int = 0) -> tuple[li
 
 
 def our_forward(level: LevelWeights, x_scaled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's encode/decode on scaled inputs (DESIGN section 1)."""
+    """The model's encode/decode on scaled inputs (design §1)."""
     pi = (x_scaled - level.b_dec) @ level.W_enc + level.b_enc
     a = pi * (pi > level.threshold)
     return a, a @ level.W_dec + level.b_dec

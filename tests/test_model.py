@@ -11,19 +11,16 @@ import math
 import pytest
 import torch
 
-from hsae.model import (
-    HSAE,
-    THRESHOLD_FLOOR,
-    JumpReLU,
+from hsae.jumprelu import JumpReLU, Step
+from hsae.losses import (
     LossInputs,
-    Step,
     draw_substitution,
     ghost_grad_loss,
-    hsae_loss,
     pc_loss,
     pc_loss_naive,
     perturbed_reconstruction,
 )
+from hsae.model import HSAE, THRESHOLD_FLOOR
 
 torch.set_num_threads(1)
 
@@ -406,7 +403,7 @@ def test_hsae_loss_without_rho_or_substitution_is_sum_of_sae_losses() -> None:
         [None, None],
         [torch.zeros(5, dtype=torch.bool), torch.zeros(9, dtype=torch.bool)],
     ):
-        out = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, substitution))
+        out = model(x, LossInputs(parents, lambdas, 0.0, substitution))
         assert out.total.item() == pytest.approx(float(want), rel=1e-5)
         assert torch.allclose(out.l0.double(), torch.stack(l0s))
         assert torch.allclose(out.mse.double(), torch.stack(mses), rtol=1e-5)
@@ -422,8 +419,8 @@ def test_hsae_loss_perturbs_with_the_mask_and_never_the_last_level() -> None:
     parents = [torch.tensor([0, 0, 2, -1, 2, 4, -1, 0, 1])]
     m0 = torch.tensor([True, False, True, False, False])
     m_last = torch.ones(9, dtype=torch.bool)  # a mask for the last level must be ignored
-    out = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [m0, m_last]))
-    clean = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None, None]))
+    out = model(x, LossInputs(parents, lambdas, 0.0, [m0, m_last]))
+    clean = model(x, LossInputs(parents, lambdas, 0.0, [None, None]))
     with torch.no_grad():
         a0, a1 = model.encode(x)
         want0 = _dense_perturbed(model, a0, a1, 0, parents[0], m0)
@@ -446,8 +443,8 @@ def test_hsae_loss_adds_rho_times_the_naive_pc_loss() -> None:
     lambdas = torch.tensor([0.1, 0.1, 0.1])
     none = [None, None]
     rho = 0.37
-    base = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, none)).total
-    out = hsae_loss(model, x, LossInputs(parents, lambdas, rho, none))
+    base = model(x, LossInputs(parents, lambdas, 0.0, none)).total
+    out = model(x, LossInputs(parents, lambdas, rho, none))
     with torch.no_grad():
         acts = model.encode(x)
         pc = sum(
@@ -479,8 +476,8 @@ def test_ghost_grads_add_nothing_without_dead_features(dense: bool) -> None:
     lambdas = torch.tensor([0.1, 0.1])
     parents = [torch.full((12,), -1)]
     none_dead = [dead, torch.zeros(12, dtype=torch.bool)]
-    with_dead = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None], none_dead, dense))
-    without = hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None], None, dense))
+    with_dead = model(x, LossInputs(parents, lambdas, 0.0, [None], none_dead, dense))
+    without = model(x, LossInputs(parents, lambdas, 0.0, [None], None, dense))
     assert with_dead.total.item() == without.total.item()
 
 
@@ -511,7 +508,7 @@ def test_hsae_loss_ghost_grads_revive_dead_encoders() -> None:
     grads = []
     for dead in (None, [dead0, torch.zeros(12, dtype=torch.bool)]):
         model.zero_grad(set_to_none=True)
-        hsae_loss(model, x, LossInputs(parents, lambdas, 0.0, [None], dead)).total.backward()
+        model(x, LossInputs(parents, lambdas, 0.0, [None], dead)).total.backward()
         grads.append(model.W_enc[0].grad.clone())
     plain, ghost = grads
     assert torch.equal(plain[:, [2, 5]], torch.zeros(6, 2))

@@ -198,3 +198,35 @@ def test_eval_judge_needs_plots_and_a_readable_report(two_forests, tmp_path, cap
     assert rc == 2
     assert_one_line_error(err, "bad.json", "no yes-rate")
     assert stdout == "" and not (tmp_path / "o").exists()
+
+
+def test_curves_plot_the_logged_values(tmp_path):
+    """curves.png's lines hold the log's numbers: per level for lists, by name for terms."""
+    records = [
+        {"step": s, "reconstruction": 10.0 / s, "sparsity": 0.5, "pc": 0.0, "ghost": 0.0,
+         "l0": [3.0 + s, 5.0], "fve": [0.5, 0.6], "lambda": [0.1, 0.2], "dead_frac": [0, 0.1],
+         "lr": 1e-3}
+        for s in (10, 20, 30)
+    ]  # fmt: skip
+    fig = plots.curves_figure(records)
+    terms, l0 = fig.axes[0], fig.axes[1]
+    lines = {line.get_label(): list(line.get_ydata()) for line in terms.get_lines()}
+    assert lines == {"reconstruction": [1.0, 0.5, 10 / 30], "sparsity": [0.5] * 3}
+    assert [list(line.get_ydata()) for line in l0.get_lines()] == [[13, 23, 33], [5, 5, 5]]
+    assert list(l0.get_lines()[0].get_xdata()) == [10, 20, 30]
+
+
+def test_plots_curves_command(tmp_path, capsys):
+    from hsae.train_log import LOG_FILE
+
+    run = tmp_path / "run"
+    rc = main(["train", "--out", str(run), "--model.sizes", "8,16", "--model.target_l0", "3",
+               "--train.steps", "20", "--train.batch_size", "128", "--train.log_every", "5",
+               "--train.scale_tokens", "512", "--planted.d", "16", "--planted.n_trees", "2",
+               "--eval-tokens", "0", "--quiet"])  # fmt: skip
+    assert rc == 0 and (run / LOG_FILE).is_file()
+    capsys.readouterr()
+    assert main(["plots", "curves", str(run), "--out", str(tmp_path / "figs")]) == 0
+    assert (tmp_path / "figs" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plots", "curves", str(tmp_path), "--out", str(tmp_path / "figs")]) == 2
+    assert "no training log" in capsys.readouterr().err

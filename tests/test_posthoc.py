@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from hsae import pipeline
 from hsae.cli import main
+from hsae.trained import TrainedHSAE
 
 sae_lens = pytest.importorskip("sae_lens")
 D = 16
@@ -55,7 +55,7 @@ def test_posthoc_finds_planted_parents_and_encodes_like_sae_lens(tmp_path, sae_d
     parents = json.loads((out / "hierarchy.json").read_text())["parents"][1]
     assert parents == [j // 3 for j in range(24)]
 
-    model, _, _ = pipeline.load(out)
+    model = TrainedHSAE.load(out).model
     x = torch.randn(256, D) * 2
     with torch.no_grad():
         ours = model.encode(x)  # scale 1: raw activations

@@ -1,5 +1,5 @@
 """Each exported level loads with SAE Lens itself, and its encode and decode on raw
-activations equal ours on scaled ones (DESIGN section 6)."""
+activations equal ours on scaled ones (design §6)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from hsae import pipeline
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
+from hsae.trained import TrainedHSAE
 
 sae_lens = pytest.importorskip("sae_lens")
 
@@ -21,7 +22,7 @@ def test_sae_lens_loads_every_level_and_agrees(tmp_path):
     )  # fmt: skip
     source = pipeline.planted_source(PlantedConfig(d=16, n_trees=3, branching=2, depth=2))
     pipeline.train(cfg, source, tmp_path)
-    model, _, _ = pipeline.load(tmp_path)
+    model = TrainedHSAE.load(tmp_path).model
     assert float(model.scale) != 1.0  # the fold is exercised
     x = next(source.heldout(512, 512, seed=1))  # raw, unscaled activations
     with torch.no_grad():

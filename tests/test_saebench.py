@@ -33,6 +33,7 @@ from hsae import io, pipeline, saebench  # noqa: E402
 from hsae.cli import main  # noqa: E402
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig  # noqa: E402
 from hsae.data import extract as ex  # noqa: E402
+from hsae.trained import TrainedHSAE  # noqa: E402
 
 D, LAYER, CONTEXT = 32, 1, 32
 N_TOPICS, N_CHILDREN = 12, 6
@@ -245,7 +246,7 @@ def test_core_eval_matches_our_measures_on_every_level(world, tmp_path):
     saes = saebench.load_levels(world["run"], device="cpu")
     assert [s.cfg.d_sae for _, s in saes] == [32, 64, 128]
     results, drawn = spied_core_eval(saes, world, tmp_path)
-    model, _, _ = pipeline.load(world["run"])
+    model = TrainedHSAE.load(world["run"]).model
     clean = None
     for level, (name, _) in enumerate(saes):
         saved = json.loads((tmp_path / f"{name}_custom_sae_eval_results.json").read_text())

@@ -146,6 +146,23 @@ def test_exact_level_recovers_all_and_zero_level_none(request, fixture, kind, la
         assert isinstance(value, float)
 
 
+def test_clean_loss_is_the_models_own_cross_entropy(gpt2):
+    """The clean loss against Hugging Face's: the model's own loss with labels= (which
+    shifts the targets itself), text by text, weighted by the targets each text has. An
+    off-by-one in our target shift would not match."""
+    model, tok = gpt2
+    texts = TEXTS[:3]
+    result = run(gpt2, "causal", 1, texts=texts)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([[tok.bos_token_id, *tok(text)["input_ids"]]])
+            total += model(input_ids=ids, labels=ids).loss.item() * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    assert result["n_tokens"] == count
+    assert result["clean"] == pytest.approx(total / count, rel=1e-5)
+
+
 def test_max_texts_and_counts(gpt2):
     one = run(gpt2, "causal", 1, max_texts=1)
     n_words = len(TEXTS[0].split())
@@ -196,7 +213,7 @@ def test_splice_reads_hidden_state_at_non_pad_non_special_positions(
         seen.append(x.clone())
         return x
 
-    monkeypatch.setattr(splice, "reconstruct", identity)
+    monkeypatch.setattr(HSAE, "reconstruct_raw", identity)
     texts = TEXTS[:3]
     result = splice_eval(
         model, tok, kind, layer, exact_then_zero_hsae(), texts, batch_size=3, progress=False
@@ -228,7 +245,7 @@ def test_splice_reads_hidden_state_at_non_pad_non_special_positions(
 
 def test_prepend_bos(gpt2, monkeypatch):
     counts = []
-    monkeypatch.setattr(splice, "reconstruct", lambda h, x, level: counts.append(len(x)) or x)
+    monkeypatch.setattr(HSAE, "reconstruct_raw", lambda h, x, level: counts.append(len(x)) or x)
     model, tok = gpt2
     n_words = sum(len(t.split()) for t in TEXTS[:2])
     for prepend_bos, targets in ((None, n_words), (True, n_words), (False, n_words - 2)):

@@ -21,6 +21,8 @@ from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
 from hsae.io import FormatError, load_checkpoint, load_json, load_safetensors
 from hsae.train import CHECKPOINT, Trainer, estimate_scale, lr_at
+from hsae.train_log import LOG_FILE, read_log
+from hsae.trained import TrainedHSAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,10 +185,17 @@ def test_resume_with_another_input_width_is_refused(tmp_path):
 
 
 def test_resume_with_a_changed_checkpoint_interval_is_allowed(tmp_path):
-    """checkpoint_every and progress do not change the result, so they may differ."""
-    checkpointed_run(tmp_path, steps=20)
-    result = make_trainer(tiny_cfg(20, checkpoint_every=5), tmp_path).fit(resume=True)
-    assert result.summary["steps"] == 20
+    """checkpoint_every, progress and the log's interval do not change the result, so they
+    may differ; the resume then trains the steps left (not a finished run's none)."""
+    crashed = make_trainer(tiny_cfg(20, checkpoint_every=10), tmp_path,
+                           wrap=lambda s: interrupting(s, 10))  # fmt: skip
+    with pytest.raises(Interrupted):
+        crashed.fit()
+    starts: list[int] = []
+    cfg = tiny_cfg(20, checkpoint_every=5, train=dict(log_every=5))
+    result = make_trainer(cfg, tmp_path, wrap=lambda s: recording(s, starts)).fit(resume=True)
+    assert starts == [10] and result.summary["steps"] == 20
+    assert load_checkpoint(tmp_path / CHECKPOINT)[1]["step"] == 20
 
 
 def test_resume_without_checkpoint_names_the_file(tmp_path):
@@ -358,7 +367,7 @@ def test_decoder_rows_unit_norm_and_thresholds_positive(tmp_path):
     cfg = tiny_cfg(60)
     source = tiny_source()
     result = pipeline.train(cfg, source, tmp_path)
-    for model in (result.model, pipeline.load(tmp_path)[0]):
+    for model in (result.model, TrainedHSAE.load(tmp_path).model):
         for level in range(model.n_levels):
             norms = model.W_dec[level].detach().norm(dim=1)
             assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5), level
@@ -387,6 +396,7 @@ TRAIN_ARGS = [
     "--train.l0_ema_momentum", "0.99",
     "--train.scale_tokens", "2048",
     "--train.seed", "3",
+    "--train.log_every", "5",
     *TINY_RUN_FLAGS,
 ]  # fmt: skip
 
@@ -401,7 +411,8 @@ def kill_after_first_checkpoint(cmd, env, out: Path, rng: random.Random) -> int:
     """Start cmd, wait for its first checkpoint, SIGKILL it after a random delay.
 
     Returns the checkpoint's step at the moment of the kill. Retries with a shorter delay
-    when the run finished before the signal arrived."""
+    when the run got past its last checkpoint (or finished) before the signal arrived: the
+    resume must have steps left to train."""
     max_delay = 0.6
     for _ in range(6):
         shutil.rmtree(out, ignore_errors=True)
@@ -419,8 +430,9 @@ def kill_after_first_checkpoint(cmd, env, out: Path, rng: random.Random) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if rc == -signal.SIGKILL and not (out / "model" / "hsae.json").exists():
-            return int(load_checkpoint(out / CHECKPOINT)[1]["step"])
+        step = int(load_checkpoint(out / CHECKPOINT)[1]["step"])
+        if rc == -signal.SIGKILL and step < SUBPROCESS_STEPS:
+            return step
         max_delay /= 3
     pytest.fail("could not kill the training run before it finished")
 
@@ -437,7 +449,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, subprocess_env, python_exe)
     step = kill_after_first_checkpoint(
         train_command(python_exe, b), subprocess_env, b, random.Random(20240611)
     )
-    assert 10 <= step <= SUBPROCESS_STEPS and step % 10 == 0
+    assert 10 <= step < SUBPROCESS_STEPS and step % 10 == 0
 
     resumed = subprocess.run(
         train_command(python_exe, b, resume=True), env=subprocess_env, capture_output=True,
@@ -463,6 +475,13 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, subprocess_env, python_exe)
         load_json(a / "model" / "hsae.json")["scale"]
         == load_json(b / "model" / "hsae.json")["scale"]
     )
+    # the training log reads as if the run had never stopped: every 5th step once, the
+    # same numbers (the throughput aside)
+    log_a, log_b = read_log(a / LOG_FILE), read_log(b / LOG_FILE)
+    assert [r["step"] for r in log_b] == list(range(5, SUBPROCESS_STEPS + 1, 5))
+    for ra, rb in zip(log_a, log_b, strict=True):
+        ra.pop("tokens_per_s"), rb.pop("tokens_per_s")
+        assert ra == rb
 
 
 @pytest.mark.parametrize("links", ["joint", "posthoc"])
@@ -497,6 +516,11 @@ def test_bf16_autocast_trains_like_fp32(tmp_path):
     fp32, bf16 = (runs[a].summary["l0_ema"] for a in (False, True))
     assert fp32 != bf16  # the bf16 path really ran
     assert all(abs(a - b) < 0.1 * a for a, b in zip(fp32, bf16)), (fp32, bf16)
+    # and the dictionaries are as good: held-out FVE per level, on the same draws
+    fve = {a: pipeline.evaluate_model(r.model, r.hierarchy.parents, tiny_source(), 4096)["fve"]
+           for a, r in runs.items()}  # fmt: skip
+    assert min(fve[False]) > 0.7, fve  # measured 0.83-0.85
+    assert all(abs(a - b) < 0.01 for a, b in zip(fve[False], fve[True], strict=True)), fve
 
 
 def test_unknown_device_is_a_clear_error(tmp_path):

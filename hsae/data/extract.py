@@ -25,7 +25,7 @@ token the tokenizer added: BERT's ``[CLS]`` *and* ``[SEP]`` (neither is text; bo
 outlier activations), a Llama-style ``<s>``. For a causal model whose tokenizer adds no BOS
 (GPT-2), a BOS is prepended by default (``prepend_bos=None`` means "causal models only"):
 the first position of a causal model is an attention sink whatever its token, so giving
-it a BOS and dropping it keeps that outlier out of the data (DESIGN section 4). Empty or
+it a BOS and dropping it keeps that outlier out of the data (design §4). Empty or
 whitespace-only texts are dropped (but still counted in ``n_texts``).
 
 Activations come back as float32 on the CPU whatever the model's dtype (fp16/bf16 models

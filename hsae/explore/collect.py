@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from hsae.data.extract import LoadedLM, check_layer, layer_activations, tokenize
 from hsae.explore.contexts import ContextStore, LevelContexts
 from hsae.model import HSAE
+from hsae.trained import TrainedHSAE
 
 F16_MAX = 65504.0
 POOL_BATCHES = 32
@@ -343,7 +344,7 @@ def collect_contexts(
                 hidden, batch = _batch(
                     lm, [t for _, t in chunk], [i for i, _ in chunk], layer, context_len
                 )
-                x = hidden.to(model.scale.device, torch.float32) * model.scale
+                x = model.scaled(hidden)
                 _score(model, x, batch, levels, chunk_elements)
                 n_tokens += x.shape[0]
                 bar.update(x.shape[0])
@@ -433,13 +434,12 @@ class Plan:
 
 
 def plan(
-    header: dict, lm: str | None, layer: int | None, text: str | None, context_len: int | None
+    data: dict, lm: str | None, layer: int | None, text: str | None, context_len: int | None
 ) -> Plan:
     """Fill the unset flags from the `hsae cache` the model was trained on (if any); texts
     of the cache's own source start after the last one it used."""
     from hsae.data.cache import CachedActivations
 
-    data = header.get("config", {}).get("data", {})
     missing = [f for f, v in (("--lm", lm), ("--layer", layer), ("--text", text)) if v is None]
     cache = None
     if data.get("kind") == "cache":
@@ -478,11 +478,10 @@ def run(args) -> None:
         for name in ("top_k", "n_sampled", "window", "bins", "batch_size", "max_texts", "seed")
     }
     check_settings(**settings)  # before anything is loaded
-    model, _, header = pipeline.load(args.model_dir)
+    trained = TrainedHSAE.load(args.model_dir)
+    model = trained.model
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: exists and is not a directory")
-    p = plan(header, args.lm, args.layer, args.text, args.context_len)
+    p = plan(trained.data, args.lm, args.layer, args.text, args.context_len)
     texts = skip_texts(text_source(p.text), p.skip)
     first = next(texts, None)  # fail before loading the language model
     if first is None:
@@ -490,7 +489,8 @@ def run(args) -> None:
         raise ValueError(f"no texts in {p.text!r}{after}")
     lm = load_lm(pipeline.resolve_model(p.lm), dtype=args.dtype)
     meta = {
-        "model": str(Path(args.model_dir).resolve()),
+        "model": str(trained.directory.resolve()),
+        "model_sha256": trained.fingerprint(),
         "lm": p.lm,
         "text": p.text,
         "skipped_texts": p.skip,

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from hsae.io import FormatError, atomic_save_safetensors, atomic_write_json, load_json
 from hsae.io import load_safetensors as _load_tensors
+from hsae.trained import TrainedHSAE
 
 META_FILE = "contexts.json"
 TENSOR_FILE = "contexts.safetensors"
@@ -187,3 +188,16 @@ def empty_level(n: int, top_k: int, n_sampled: int, window: int, bins: int) -> L
         max_act=torch.zeros(n),
         histogram=torch.zeros(n, bins, dtype=torch.int64),
     )
+
+
+def check_store_matches(store: ContextStore, trained: TrainedHSAE, where: str | Path) -> None:
+    """A context store belongs to the model it was collected from: the same level sizes and,
+    where the store recorded it, the same trained model (by fingerprint, so that a moved
+    directory still matches)."""
+    if store.sizes != trained.sizes:
+        raise FormatError(f"{where}: contexts are for levels {store.sizes}, the model in "
+                          f"{trained.directory} has {trained.sizes}")  # fmt: skip
+    recorded = store.meta.get("model_sha256")
+    if recorded is not None and recorded != trained.fingerprint():
+        raise FormatError(f"{where}: contexts were collected from another model "
+                          f"({store.meta.get('model')}), not {trained.directory}")  # fmt: skip

@@ -59,6 +59,7 @@ from hsae import pipeline
 from hsae.hierarchy import children_lists
 from hsae.io import atomic_write_json
 from hsae.model import HSAE
+from hsae.trained import TrainedHSAE
 
 BATCH = 1024
 N_BOOT = 2000
@@ -182,7 +183,7 @@ def _batches(model: HSAE, source: pipeline.Source, n_tokens: int, seed: int) -> 
         x = x[: n_tokens - seen].float()
         seen += x.shape[0]
         with torch.no_grad():
-            yield x, model.encode(x * model.scale)
+            yield x, model.encode_raw(x)
 
 
 def firing_counts(
@@ -421,22 +422,17 @@ def write_pictures(groups: list[Group], name: str, out: Path, opts: Options) -> 
 
 
 def run(args: argparse.Namespace) -> None:
-    from hsae.cli import source_from_args
-
     opts = _options(args)
     out = Path(args.out)
-    model, parents, header = pipeline.load(args.model_dir)
-    if args.data:
-        source = source_from_args(args, expected_d=model.d_in)
-    else:
-        source = pipeline.source_from_description(header["config"].get("data", {}), model.d_in)
-    forests = {"hsae": (args.model_dir, model, parents)}
+    trained = TrainedHSAE.load(args.model_dir)
+    source = pipeline.measured_source(trained, args.data, args.eval_frac)
+    forests = {"hsae": (args.model_dir, trained.model, trained.parents)}
     if args.baseline:
-        base, base_parents, _ = pipeline.load(args.baseline)
-        if base.d_in != model.d_in:
+        base = TrainedHSAE.load(args.baseline)
+        if base.d_in != trained.d_in:
             raise ValueError(f"{args.baseline}: d_in {base.d_in}, but {args.model_dir} has "
-                             f"{model.d_in}; both must read the same activations")  # fmt: skip
-        forests["baseline"] = (args.baseline, base, base_parents)
+                             f"{trained.d_in}; both must read the same activations")  # fmt: skip
+        forests["baseline"] = (args.baseline, base.model, base.parents)
     report = {"definition": "ratio = D_unrel / D_sib (see hsae/explore/geometry.py)",
               "tokens": opts.n_tokens, "per_feature": opts.per_feature,
               "min_inputs": opts.min_inputs, "seed": opts.seed}  # fmt: skip

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 from torch import Tensor
 
-from hsae import io, pipeline
-from hsae.explore.contexts import ContextStore, Example
+from hsae.explore.contexts import ContextStore, Example, check_store_matches
 from hsae.explore.judge_prompts import numbered
+from hsae.trained import TrainedHSAE
 
 
 @dataclass
@@ -27,17 +26,10 @@ class Forest:
     @classmethod
     def load(cls, name: str, model_dir: str, contexts: str, n_top: int, n_sampled: int) -> Forest:
         """A trained directory (or a run directory with model/) and its context store."""
-        directory = Path(model_dir)
-        if (directory / pipeline.MODEL_DIR / "hsae.json").exists():
-            directory = directory / pipeline.MODEL_DIR
-        _, parents, _, header = io.load_trained(directory)
+        trained = TrainedHSAE.load(model_dir)
         store = ContextStore.load(contexts)
-        if store.sizes != list(header["sizes"]):
-            raise io.FormatError(
-                f"{contexts}: contexts for levels of {store.sizes} features, "
-                f"but {directory} has {header['sizes']}"
-            )
-        return cls(name, parents, store, n_top, n_sampled)
+        check_store_matches(store, trained, contexts)
+        return cls(name, trained.parents, store, n_top, n_sampled)
 
     @cached_property
     def live(self) -> list[Tensor]:

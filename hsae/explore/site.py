@@ -36,9 +36,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hsae import pipeline
-from hsae.explore.contexts import ContextStore, LevelContexts
+from hsae.explore.contexts import ContextStore, LevelContexts, check_store_matches
 from hsae.io import FormatError, load_json, replaced_directory, to_json_text
+from hsae.trained import TrainedHSAE
 
 SITE_FORMAT = "hsae-site/1"
 CHUNK = 128
@@ -113,14 +113,10 @@ def load_labels(path: str | Path, sizes: list[int]) -> dict[str, list]:
 
 def _load_inputs(model_dir: str | Path, contexts_dir: str | Path):
     """Parents (hierarchy.json layout) and the context store, checked against each other."""
-    _, parents, header = pipeline.load(model_dir)
+    trained = TrainedHSAE.load(model_dir)
     store = ContextStore.load(contexts_dir)
-    if store.sizes != list(header["sizes"]):
-        raise FormatError(
-            f"{contexts_dir}: contexts are for levels {store.sizes}, "
-            f"the model in {model_dir} has {list(header['sizes'])}"
-        )
-    return [None, *[p.tolist() for p in parents]], store
+    check_store_matches(store, trained, contexts_dir)
+    return [None, *[p.tolist() for p in trained.parents]], store
 
 
 # ---------------------------------------------------------------- data files

@@ -1,4 +1,4 @@
-"""The live-entry loss (hsae/sparse.py) against the dense reference (model.hsae_loss_dense):
+"""The live-entry loss (hsae/losses_live.py) against the dense reference (losses.hsae_loss_dense):
 same value, same gradient for every parameter, with every mechanism switched on."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hsae.model import HSAE, LossInputs, hsae_loss_dense
-from hsae.sparse import encode_live, hsae_loss_live, live_entries
+from hsae.losses import LossInputs, hsae_loss_dense
+from hsae.losses_live import encode_live, hsae_loss_live, live_entries
+from hsae.model import HSAE
 
 
 def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0) -> HSAE:
@@ -64,6 +65,12 @@ def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead) -> None
     for field in ("l0", "fve", "mse"):
         assert torch.allclose(getattr(live, field), getattr(dense, field), rtol=1e-5, atol=1e-6)
     assert live.pc.item() == pytest.approx(dense.pc.item(), rel=1e-5, abs=1e-7)
+    for out in (live, dense):  # the named terms are the loss, term by term
+        assert out.sparsity.item() == pytest.approx((inp.lambdas * out.l0).sum().item(), rel=1e-5)
+        parts = out.mse.sum() + out.sparsity + rho * out.pc + out.ghost
+        assert parts.item() == pytest.approx(out.total.item(), rel=1e-5)
+        assert (out.ghost.item() != 0) == dead
+    assert live.ghost.item() == pytest.approx(dense.ghost.item(), rel=1e-5, abs=1e-7)
     assert g_live.keys() == g_dense.keys()
     for name, g in g_dense.items():
         scale = g.abs().max().item()

@@ -1,5 +1,5 @@
 """The lambda controller: its rule step by step, closed-loop convergence on a toy plant, and
-that lambda really moves L0 in a trained HSAE (DESIGN section 1)."""
+that lambda really moves L0 in a trained HSAE (design §1)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
+from hsae.controller import SparsityController
 from hsae.data.planted import PlantedConfig, PlantedForest
 from hsae.data.streams import planted_stream
-from hsae.sparsity import SparsityController
 from hsae.train import Trainer
 
 torch.set_num_threads(1)

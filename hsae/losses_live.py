@@ -1,5 +1,5 @@
 """The training loss over live entries only: the same value and gradients as
-:func:`hsae.model.hsae_loss_dense` (the paper's formulas, written densely), at a fraction
+:func:`hsae.losses.hsae_loss_dense` (the paper's formulas, written densely), at a fraction
 of the cost.
 
 A level's JumpReLU output a = pi H(pi - theta) is zero wherever pi <= theta, and the
@@ -27,20 +27,17 @@ device and reported where the training loop syncs anyway.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.model import (
-    HSAE,
-    JumpReLU,
-    LossInputs,
-    LossOutput,
-    Step,
-    ghost_grad_loss,
-    has_children,
-)
+from hsae.jumprelu import JumpReLU, Step
+from hsae.losses import LossInputs, LossOutput, ghost_grad_loss, has_children
+
+if TYPE_CHECKING:
+    from hsae.model import HSAE
 
 
 @dataclass
@@ -288,12 +285,13 @@ def capacity_for(batch: int, n: int, target_l0: float) -> int:
 
 
 def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
-    """L_HSAE on one batch (as :func:`hsae.model.hsae_loss_dense`), over live entries, in
+    """L_HSAE on one batch (as :func:`hsae.losses.hsae_loss_dense`), over live entries, in
     lists of ``inp.capacity`` entries per level when given (GPU, no sync)."""
     caps = inp.capacity or [None] * model.n_levels
     lives = [encode_live(model, x, level, caps[level]) for level in range(model.n_levels)]
     total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
     total, l0s, fves, mses, pcs = x.new_zeros(()), [], [], [], []
+    sparsity, ghost = x.new_zeros(()), x.new_zeros(())
     for level, live in enumerate(lives):
         recon = decode_live(model, live, level)
         mse = (recon - x).pow(2).sum(-1)
@@ -306,10 +304,11 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
         theta = model.threshold[level]
         theta_e = theta.index_select(0, live.feat)
         l0 = Step.apply(live.pre, theta_e, model.bandwidth).sum() / x.shape[0]
+        sparsity = sparsity + inp.lambdas[level] * l0
         total = total + mse.mean() + inp.lambdas[level] * l0
         if inp.dead is not None:
-            dead = inp.dead[level]
-            total = total + _ghost(model, x, recon, level, dead, mse, live.valid is None)
+            g = _ghost(model, x, recon, level, inp.dead[level], mse, live.valid is None)
+            ghost, total = ghost + g.detach(), total + g
         l0s.append(l0.detach())
         mses.append(mse.mean().detach())
     if inp.rho > 0:
@@ -325,6 +324,7 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
         fired=[live.fired() for live in lives],
         dense_acts=lambda: [live.dense().detach() for live in lives],
         dropped=torch.stack(dropped).sum() if dropped else None,
+        sparsity=sparsity.detach(), ghost=ghost,
     )  # fmt: skip
 
 
