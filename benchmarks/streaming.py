@@ -11,11 +11,11 @@ about 0.8 GB of temporary disk)::
 What it does:
 
 1. builds a synthetic cache (random rows, ``--d`` wide, ``--dtype`` on disk) with
-   :class:`hsae.data.cache.CacheWriter`, in a child process so that writing does not count
+   :class:`hsae.data.cache_writer.CacheWriter`, in a child process so that writing does not count
    towards this process's peak RSS (skipped if ``--dir`` already holds a complete cache);
 2. streams one full epoch through :meth:`CachedActivations.batches` (read, checksum,
    block shuffle, float32 conversion) and reports tokens/s and peak RSS;
-3. trains a small HSAE (:class:`hsae.train.Trainer`) for ``--steps`` steps on that stream
+3. trains a small HSAE (:class:`hsae.method.train.Trainer`) for ``--steps`` steps on that stream
    and reports training tokens/s and peak RSS again;
 4. for comparison, runs the same training in a child process fed with random batches made
    in memory (``--no-control`` skips it): the difference in peak RSS is what streaming from
@@ -42,9 +42,11 @@ from pathlib import Path
 import torch
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.data.cache import DTYPES, MANIFEST, CachedActivations, CacheWriter
+from hsae.data.cache import CachedActivations
+from hsae.data.cache_format import DTYPES, MANIFEST
+from hsae.data.cache_writer import CacheWriter
 from hsae.io import FormatError
-from hsae.train import Trainer
+from hsae.method.train import Trainer
 
 MiB = 2**20
 

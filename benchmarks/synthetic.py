@@ -18,7 +18,7 @@ rows:
 Per method: per level L0, FVE and dead fraction; true features recovered (cosine >= 0.9,
 per level and at any level) and MCC (`sae_lens.synthetic.mean_correlation_coefficient`);
 the paper's three measures, the copy share and the three over non-copy links
-(hsae.metrics); recall and precision of true parent -> child pairs; seconds.
+(hsae.evaluation.metrics); recall and precision of true parent -> child pairs; seconds.
 
     python benchmarks/synthetic.py --seeds 0 1 2          # CPU size, minutes here
     python benchmarks/synthetic.py --size synthsaebench16k  # SAE Lens's 16k benchmark (GPU)
@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.io import LevelWeights
-from hsae.metrics import evaluate_with_copies
-from hsae.model import HSAE, unit_rows
-from hsae.posthoc import link_levels
-from hsae.train import Trainer
+from hsae.evaluation.metrics import evaluate_with_copies
+from hsae.interop.posthoc import link_levels
+from hsae.method.model import HSAE, unit_rows
+from hsae.method.train import Trainer
+from hsae.trained_dir import LevelWeights
 
 
 @dataclass

@@ -30,7 +30,7 @@ import time
 import torch
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.train import Trainer, kernel_settings
+from hsae.method.train import Trainer, kernel_settings
 
 
 def matmul_rate(d: int, n: int, batch: int, repeats: int = 20) -> float:

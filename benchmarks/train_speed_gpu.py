@@ -18,7 +18,7 @@ import time
 import torch
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.train import Trainer
+from hsae.method.train import Trainer
 
 PAPER_TOKENS = 100_000_000
 

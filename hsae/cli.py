@@ -16,12 +16,13 @@ import sys
 import typing
 from pathlib import Path
 
-from hsae import distributed, io, pipeline
+from hsae import io, pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, describe_type
 from hsae.data.planted import PlantedConfig
+from hsae.evaluation.report_table import format_report
+from hsae.interop.posthoc import build_posthoc
 from hsae.io import FormatError, atomic_write_json, load_json
-from hsae.posthoc import build_posthoc
-from hsae.report_table import format_report
+from hsae.method import distributed
 from hsae.trained import MODEL_DIR, TrainedHSAE
 
 SECTIONS = {"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig}
@@ -142,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise ValueError("--judge needs --plots DIR")
     judge = None
     if args.judge:  # read before the evaluation: a bad file fails at once
-        from hsae.plots import judge_rates
+        from hsae.evaluation.plots import judge_rates
 
         judge = judge_rates(args.judge, ["hsae", "baseline"])
     trained = TrainedHSAE.load(args.model_dir)
@@ -161,7 +162,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         atomic_write_json(args.json, reports if args.baseline else reports["model"])
         print(f"wrote {args.json}")
     if args.plots:
-        from hsae.plots import write_comparison
+        from hsae.evaluation.plots import write_comparison
 
         named = reports if args.baseline else {"hsae": reports["model"]}
         paths = write_comparison(named, args.plots, judge)
@@ -292,8 +293,8 @@ COMMAND_MODULES: list[str] = [
     "hsae.explore.judge",
     "hsae.explore.site",
     "hsae.explore.geometry",
-    "hsae.plots",
-    "hsae.saebench",
+    "hsae.evaluation.plots",
+    "hsae.interop.saebench",
 ]
 
 

@@ -140,8 +140,8 @@ class TrainConfig:
     deterministic: bool = True
     """Deterministic kernels: a resumed run ends bit-identical to an uninterrupted one."""
     kernel: Kernel = "live"
-    """live: compute the loss over live entries only (hsae/losses_live.py, fast); dense: exactly
-    as the formulas read (the reference, several times slower)."""
+    """live: compute the loss over live entries only (hsae/method/losses_live.py, fast);
+    dense: exactly as the formulas read (the reference, several times slower)."""
     progress: bool = True
     log: LogTarget = "jsonl"
     """Where the training curve goes: train_log.jsonl in the run directory (always), and

@@ -16,10 +16,10 @@ from pathlib import Path
 from hsae import pipeline
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig, PlantedForest, match_features
-from hsae.hierarchy import children_lists
+from hsae.evaluation.report_table import format_report
 from hsae.io import atomic_write_json
-from hsae.model import HSAE
-from hsae.report_table import format_report
+from hsae.method.hierarchy import children_lists
+from hsae.method.model import HSAE
 
 DEMO_STEPS = 2500
 EVAL_TOKENS = 65536
@@ -93,7 +93,7 @@ def describe_tree(
     max_children: int = 4,
 ) -> str:
     """The learned tree, rooted at level 0, with the most links that are not copies
-    (``copies[l]``: the level-(l+1) children whose link is a copy, hsae.metrics) between
+    (``copies[l]``: the level-(l+1) children whose link is a copy, hsae.evaluation.metrics) between
     features that match a planted one (cosine >= 0.9); each feature named by its match, or
     '?' if none, and each copy marked. Says so when every link is a copy."""
     matches = [match_features(forest, w.detach()).tolist() for w in model.W_dec]

@@ -14,19 +14,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hsae import distributed, io
+from hsae import io
 from hsae.config import ConfigError, RunConfig
 from hsae.data.activations import NpyActivations
-from hsae.data.cache import DTYPES as CACHE_DTYPES
-from hsae.data.cache import MANIFEST, CachedActivations, CacheWriter
+from hsae.data.cache import CachedActivations
+from hsae.data.cache_format import DTYPES as CACHE_DTYPES
+from hsae.data.cache_format import MANIFEST
+from hsae.data.cache_writer import CacheWriter
 from hsae.data.extract import check_layer, extract, load_lm, skip_texts
 from hsae.data.planted import PlantedConfig, PlantedForest, score_against_truth
 from hsae.data.streams import Stream, cache_stream, npy_stream, planted_heldout, planted_stream
 from hsae.data.text import text_source
-from hsae.metrics import FiringMatch, evaluate_with_copies
-from hsae.model import HSAE
-from hsae.splice import splice_eval
-from hsae.train import CHECKPOINT, Trainer, TrainResult
+from hsae.evaluation.metrics import FiringMatch, evaluate_with_copies
+from hsae.evaluation.splice import splice_eval
+from hsae.method import distributed
+from hsae.method.model import HSAE
+from hsae.method.train import CHECKPOINT, Trainer, TrainResult
 from hsae.trained import MODEL_DIR, TrainedHSAE
 
 
@@ -256,7 +259,7 @@ def evaluate_model(
 
 @torch.no_grad()
 def firing_match(model: HSAE, forest: PlantedForest, n_tokens: int, seed: int) -> dict:
-    """Matching by firing (hsae.metrics.FiringMatch) on the held-out planted draws."""
+    """Matching by firing (hsae.evaluation.metrics.FiringMatch) on the held-out planted draws."""
     match = FiringMatch(forest.n_features, model.sizes)
     for x_raw, active in planted_heldout(forest, 1024, n_tokens, seed):
         match.update(active, model.encode_raw(x_raw))

@@ -4,7 +4,7 @@
 (`trained_directory` is the one place that resolves which). The model encodes and decodes
 raw activations with its input scale applied inside (`HSAE.encode_raw`,
 `HSAE.reconstruct_raw`); the config and the training data's description come from the
-one header every writer wrote (`io.save_trained`).
+one header every writer wrote (`trained_dir.save_trained`).
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from hsae import io
-from hsae.model import HSAE
+from hsae import io, trained_dir
+from hsae.method.model import HSAE
+from hsae.trained_dir import LEVEL_KEYS, LevelWeights
 
 MODEL_DIR = "model"
 """A run directory keeps its trained directory here (beside the checkpoint)."""
@@ -48,21 +49,21 @@ def data_of(config: dict) -> dict:
     return config.get("data", {})
 
 
-def level_weights(model: HSAE) -> list[io.LevelWeights]:
+def level_weights(model: HSAE) -> list[LevelWeights]:
     """The model's levels as the on-disk layout holds them (scaled space)."""
     return [
-        io.LevelWeights(**{name: getattr(model, name)[level].detach() for name in io.LEVEL_KEYS})
+        LevelWeights(**{name: getattr(model, name)[level].detach() for name in LEVEL_KEYS})
         for level in range(model.n_levels)
     ]
 
 
-def model_from_levels(levels: list[io.LevelWeights], bandwidth: float, scale: float) -> HSAE:
+def model_from_levels(levels: list[LevelWeights], bandwidth: float, scale: float) -> HSAE:
     """An HSAE holding ``levels`` (the inverse of `level_weights`)."""
     d_in = int(levels[0].W_enc.shape[0])
     model = HSAE(d_in, tuple(int(w.W_enc.shape[1]) for w in levels), bandwidth)
     with torch.no_grad():
         for index, level in enumerate(levels):
-            for name in io.LEVEL_KEYS:
+            for name in LEVEL_KEYS:
                 getattr(model, name)[index].copy_(getattr(level, name))
         model.scale.fill_(scale)
     return model
@@ -83,15 +84,15 @@ class TrainedHSAE:
     @classmethod
     def load(cls, path: str | Path) -> TrainedHSAE:
         directory = trained_directory(path)
-        levels, parents, scale, header = io.load_trained(directory)
+        levels, parents, scale, header = trained_dir.load_trained(directory)
         config = header.get("config", {})
         bandwidth = config.get("model", {}).get("bandwidth", LEGACY_BANDWIDTH)
         model = model_from_levels(levels, bandwidth, scale)
         return cls(model, parents, config, header.get("summary", {}), directory)
 
     def save(self, directory: str | Path, **sae_metadata) -> None:
-        """Write the trained directory as one unit (`io.save_trained`)."""
-        io.save_trained(directory, level_weights(self.model), self.parents,
+        """Write the trained directory as one unit (`trained_dir.save_trained`)."""
+        trained_dir.save_trained(directory, level_weights(self.model), self.parents,
                         float(self.model.scale), self.config, self.summary,
                         sae_metadata=sae_metadata or None)  # fmt: skip
         self.directory = Path(directory)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from hsae.data.cache import CachedActivations, CacheWriter
+from hsae.data.cache import CachedActivations
+from hsae.data.cache_writer import CacheWriter
 from hsae.io import FormatError
 
 META = {"model": "toy-model", "layer": 3, "text_source": "toy.jsonl", "context_len": 16}

@@ -17,7 +17,7 @@ from conftest import TINY_FOREST_FLAGS
 
 from hsae.cli import main
 from hsae.io import load_json, load_safetensors
-from hsae.train import CHECKPOINT
+from hsae.method.train import CHECKPOINT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

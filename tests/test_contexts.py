@@ -22,7 +22,7 @@ from hsae.data import extract as ex  # noqa: E402
 from hsae.explore.collect import Batch, LevelCollector, collect_contexts, token_strings  # noqa: E402
 from hsae.explore.contexts import ContextStore  # noqa: E402
 from hsae.io import FormatError  # noqa: E402
-from hsae.model import HSAE  # noqa: E402
+from hsae.method.model import HSAE  # noqa: E402
 from hsae.trained import TrainedHSAE  # noqa: E402
 
 WORDS = [

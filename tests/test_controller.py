@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from hsae.config import HSAEConfig, RunConfig, TrainConfig
-from hsae.controller import SparsityController
 from hsae.data.planted import PlantedConfig, PlantedForest
 from hsae.data.streams import planted_stream
-from hsae.train import Trainer
+from hsae.method.controller import SparsityController
+from hsae.method.train import Trainer
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import torch
 
 from hsae.data.planted import PlantedConfig, PlantedForest
 from hsae.demo import describe_tree
-from hsae.model import HSAE
+from hsae.method.model import HSAE
 
 FOREST = PlantedConfig(d=32, n_trees=3, branching=2, depth=2, n_independent=2, seed=1)
 

@@ -10,12 +10,14 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN_FLAGS
+from conftest import TINY_FOREST_FLAGS
 
-from hsae import distributed, pipeline
-from hsae.data.cache import CacheWriter
+from hsae import pipeline
+from hsae.data.cache_writer import CacheWriter
 from hsae.data.planted import PlantedConfig, PlantedForest
 from hsae.io import load_safetensors
+from hsae.method import distributed
+from hsae.method.train_log import LOG_FILE, read_log
 
 RUN = [
     "--model.sizes", "16,32,64",
@@ -25,13 +27,14 @@ RUN = [
     "--train.batch_size", "256",
     "--train.scale_tokens", "1024",
     "--train.checkpoint_every", "10",
-    *TINY_RUN_FLAGS,
+    "--eval-tokens", "0",
+    "--quiet",
 ]  # fmt: skip
-PLANTED = PlantedConfig(d=16, n_trees=3, branching=2, depth=2, n_independent=4)  # as RUN's
+PLANTED = PlantedConfig(d=16, n_trees=3, branching=2, depth=2, n_independent=4)  # the flags'
 
 
 def planted_cache(directory, rows: int = 8192, shard_tokens: int = 256) -> None:
-    """The forest of RUN's planted flags, drawn once and written as a 32-shard cache."""
+    """The forest of TINY_FOREST_FLAGS, drawn once and written as a 32-shard cache."""
     forest = PlantedForest(PLANTED)
     x, _ = forest.sample(rows, torch.Generator().manual_seed(1))
     writer = CacheWriter(directory, {"model": "planted"}, shard_tokens=shard_tokens)
@@ -42,10 +45,10 @@ def planted_cache(directory, rows: int = 8192, shard_tokens: int = 256) -> None:
 
 @pytest.mark.parametrize("data", ["planted", "cache"])
 def test_two_gloo_processes_match_one(tmp_path, subprocess_env, python_exe, data):
-    if data == "cache":
+    run = [*RUN, "--data", data, *TINY_FOREST_FLAGS]
+    if data == "cache":  # the same forest, drawn into a cache
         planted_cache(tmp_path / "cache")
-        data = str(tmp_path / "cache")
-    run = [*RUN, "--data", data]
+        run = [*RUN, "--data", str(tmp_path / "cache")]
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([python_exe, "-m", "hsae", "train", "--out", str(one), *run],
                    env=subprocess_env, check=True, timeout=300)  # fmt: skip
@@ -56,18 +59,23 @@ def test_two_gloo_processes_match_one(tmp_path, subprocess_env, python_exe, data
         a = load_safetensors(one / "model" / f"level_{level}" / "sae_weights.safetensors")
         b = load_safetensors(two / "model" / f"level_{level}" / "sae_weights.safetensors")
         for name in a:
-            assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), (level, name)
+            # the gradient all-reduce sums in another order; 30 steps at the short-run lr
+            # (2.9e-2) grow that to ~1e-5 (a wrong slice of rows would differ by O(1))
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (level, name)
     headers = [json.loads((d / "model" / "hsae.json").read_text()) for d in (one, two)]
     assert [h["summary"]["world_size"] for h in headers] == [1, 2]  # really data-parallel
     hierarchy = [json.loads((d / "model" / "hierarchy.json").read_text()) for d in (one, two)]
     assert hierarchy[0] == hierarchy[1]
     assert any(p >= 0 for p in hierarchy[0]["parents"][1])  # links were made: not vacuous
-    # checkpoints are written once, by rank 0, as one file
-    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.safetensors", "model"]
+    # rank 0 alone writes the run: one checkpoint file, one log with each step once
+    assert sorted(p.name for p in two.iterdir()) == [
+        ".hsae-lock", "checkpoint.safetensors", "model", "train_log.jsonl"]  # fmt: skip
+    steps = [r["step"] for r in read_log(two / LOG_FILE)]
+    assert steps == sorted(set(steps)) and steps[-1] == headers[1]["summary"]["steps"]
 
 
 def as_rank(monkeypatch, rank: int, world: int) -> None:
-    """Make hsae.distributed answer as rank `rank` of `world` (no process group needed)."""
+    """Make hsae.method.distributed answer as rank `rank` of `world` (no process group needed)."""
     monkeypatch.setattr(distributed, "active", lambda: True)
     monkeypatch.setattr(distributed, "rank", lambda: rank)
     monkeypatch.setattr(distributed, "world_size", lambda: world)

@@ -194,7 +194,7 @@ def test_saved_directory_reloads_with_the_same_weights_and_parents(trained):
             if exact_scale:
                 assert torch.equal(got, want), (level, name)
             else:
-                # io.fold_scale / unfold_scale: exact up to one float32 rounding
+                # trained_dir.fold_scale / unfold_scale: exact up to one float32 rounding
                 assert torch.allclose(got, want, rtol=2.5e-7, atol=1e-12), (level, name)
     # And the reloaded model computes what the trained one computes.
     x = next(trained["source"].stream(256, 99)(0)) * scale

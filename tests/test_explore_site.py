@@ -23,8 +23,8 @@ import torch
 from hsae.cli import main
 from hsae.explore.contexts import ContextStore, empty_level
 from hsae.explore.site import build_site, js_payload, make_server, shard_of, token_index
-from hsae.io import LevelWeights, save_trained
 from hsae.trained import TrainedHSAE
+from hsae.trained_dir import LevelWeights, save_trained
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

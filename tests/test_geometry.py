@@ -23,7 +23,7 @@ from hsae.explore.geometry import (
     record,
     summarize,
 )
-from hsae.io import LevelWeights, save_trained
+from hsae.trained_dir import LevelWeights, save_trained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

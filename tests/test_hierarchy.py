@@ -9,8 +9,14 @@ import torch
 from safetensors.torch import load, save
 
 from hsae.config import HSAEConfig
-from hsae.hierarchy import Hierarchy, assign_parents, children_lists, has_children, similarity
-from hsae.model import HSAE
+from hsae.method.hierarchy import (
+    Hierarchy,
+    assign_parents,
+    children_lists,
+    has_children,
+    similarity,
+)
+from hsae.method.model import HSAE
 
 torch.set_num_threads(1)
 

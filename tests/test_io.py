@@ -12,9 +12,12 @@ import torch
 from conftest import flip_signs
 
 import hsae.io as hio
+from hsae import trained_dir
 from hsae.config import RunConfig
 from hsae.data.activations import NpyActivations
-from hsae.io import FormatError, LevelWeights
+from hsae.io import FormatError
+from hsae.method import checkpoint
+from hsae.trained_dir import LevelWeights
 
 D_IN = 12
 SIZES = (8, 16, 32)
@@ -56,7 +59,7 @@ def random_parents(seed: int = 0, sizes: tuple[int, ...] = SIZES) -> list[torch.
 def save_example(directory: Path, scale: float = 2.0, seed: int = 0) -> tuple[list, list]:
     levels, parents = random_levels(seed), random_parents(seed)
     config = RunConfig().to_dict()
-    hio.save_trained(directory, levels, parents, scale, config, {"steps": 10, "loss": 0.5})
+    trained_dir.save_trained(directory, levels, parents, scale, config, {"steps": 10, "loss": 0.5})
     return levels, parents
 
 
@@ -86,10 +89,10 @@ def siblings(path: Path) -> list[str]:
 def test_trained_round_trip_is_exact(tmp_path: Path) -> None:
     out = tmp_path / "model"
     levels, parents = save_example(out, scale=2.0)  # a power of two: folding is exact
-    loaded, loaded_parents, scale, header = hio.load_trained(out)
+    loaded, loaded_parents, scale, header = trained_dir.load_trained(out)
     assert scale == 2.0
     for a, b in zip(levels, loaded, strict=True):
-        for key in hio.LEVEL_KEYS:
+        for key in trained_dir.LEVEL_KEYS:
             assert torch.equal(getattr(a, key), getattr(b, key)), key
     assert len(loaded_parents) == len(parents)
     for a, b in zip(parents, loaded_parents, strict=True):
@@ -102,7 +105,7 @@ def test_trained_round_trip_is_exact(tmp_path: Path) -> None:
 
 def test_round_trip_any_scale_within_float32_rounding(tmp_path: Path) -> None:
     levels, _ = save_example(tmp_path / "m", scale=1.37)
-    loaded, _, scale, _ = hio.load_trained(tmp_path / "m")
+    loaded, _, scale, _ = trained_dir.load_trained(tmp_path / "m")
     assert scale == 1.37
     for a, b in zip(levels, loaded, strict=True):
         assert torch.equal(a.b_enc, b.b_enc) and torch.equal(a.threshold, b.threshold)
@@ -170,13 +173,13 @@ def test_hierarchy_json_layout(tmp_path: Path) -> None:
 
 def test_parents_with_leading_none_accepted(tmp_path: Path) -> None:
     levels, parents = random_levels(), random_parents()
-    hio.save_trained(tmp_path / "m", levels, [None, *parents], 1.0, {}, {})
-    loaded = hio.load_trained(tmp_path / "m")[1]
+    trained_dir.save_trained(tmp_path / "m", levels, [None, *parents], 1.0, {}, {})
+    loaded = trained_dir.load_trained(tmp_path / "m")[1]
     assert all(torch.equal(a, b) for a, b in zip(parents, loaded, strict=True))
 
 
 def test_non_finite_summary_written_as_null(tmp_path: Path) -> None:
-    hio.save_trained(
+    trained_dir.save_trained(
         tmp_path / "m", random_levels(), random_parents(), 1.0, {}, {"loss": float("nan")}
     )
     assert json.loads((tmp_path / "m" / "hsae.json").read_text())["summary"] == {"loss": None}
@@ -186,7 +189,7 @@ def test_save_rejects_bad_parents(tmp_path: Path) -> None:
     parents = random_parents()
     parents[0][0] = SIZES[0]  # out of range
     with pytest.raises(ValueError, match=r"level 1 parents.*\[-1, 8\)"):
-        hio.save_trained(tmp_path / "m", random_levels(), parents, 1.0, {}, {})
+        trained_dir.save_trained(tmp_path / "m", random_levels(), parents, 1.0, {}, {})
     assert not (tmp_path / "m").exists()
 
 
@@ -198,28 +201,28 @@ def test_load_rejects_tampered_directory(tmp_path: Path) -> None:
 
     header_path.write_text(json.dumps({**header, "format": "other/9"}))
     with pytest.raises(FormatError, match=r"hsae\.json: format is 'other/9'"):
-        hio.load_trained(out)
+        trained_dir.load_trained(out)
 
     header_path.write_text(json.dumps({**header, "sizes": [8, 16, 33]}))
     with pytest.raises(FormatError, match=r"level_2/sae_weights\.safetensors: W_enc has shape"):
-        hio.load_trained(out)
+        trained_dir.load_trained(out)
 
     header_path.write_text(json.dumps(header))
     doc = json.loads((out / "hierarchy.json").read_text())
     doc["parents"][2][0] = 99
     (out / "hierarchy.json").write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=r"hierarchy\.json: level 2 parents.*\[-1, 16\)"):
-        hio.load_trained(out)
+        trained_dir.load_trained(out)
 
     doc["parents"] = doc["parents"][:2]
     (out / "hierarchy.json").write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=r"hierarchy\.json: 'parents' must be a list of 3"):
-        hio.load_trained(out)
+        trained_dir.load_trained(out)
 
 
 def test_load_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(FormatError, match="nowhere: not found"):
-        hio.load_trained(tmp_path / "nowhere")
+        trained_dir.load_trained(tmp_path / "nowhere")
 
 
 def test_overwrite_replaces_whole_directory(tmp_path: Path) -> None:
@@ -228,7 +231,7 @@ def test_overwrite_replaces_whole_directory(tmp_path: Path) -> None:
     (out / "stale.txt").write_text("from the old export")
     levels, _ = save_example(out, seed=1)
     assert not (out / "stale.txt").exists()
-    assert torch.equal(hio.load_trained(out)[0][0].W_enc, levels[0].W_enc)
+    assert torch.equal(trained_dir.load_trained(out)[0][0].W_enc, levels[0].W_enc)
     assert siblings(out) == []
 
 
@@ -280,7 +283,7 @@ def test_failed_swap_restores_previous(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(OSError, match="rename failed"):
         save_example(out, seed=1)
     monkeypatch.undo()
-    assert torch.equal(hio.load_trained(out)[0][0].W_enc, old_levels[0].W_enc)
+    assert torch.equal(trained_dir.load_trained(out)[0][0].W_enc, old_levels[0].W_enc)
     assert siblings(out) == []
 
 
@@ -297,7 +300,7 @@ def test_failed_file_writes_keep_previous(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(OSError, match="replace failed"):
         hio.atomic_write_json(path, {"step": 2})
     with pytest.raises(OSError, match="replace failed"):
-        hio.save_checkpoint(tmp_path / "ckpt.safetensors", {"w": torch.ones(3)}, {"step": 2})
+        checkpoint.save_checkpoint(tmp_path / "ckpt.safetensors", {"w": torch.ones(3)}, {"step": 2})
     monkeypatch.undo()
     assert hio.load_json(path) == {"step": 1}
     assert path.read_text() == '{\n  "step": 1\n}\n'
@@ -329,11 +332,11 @@ def test_truncated_safetensors(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
     path.write_bytes(b"garbage, not a header")
     with pytest.raises(FormatError, match=r"w\.safetensors"):
-        hio.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_missing_files(tmp_path: Path) -> None:
-    for load in (hio.load_safetensors, hio.load_json, hio.load_checkpoint):
+    for load in (hio.load_safetensors, hio.load_json, checkpoint.load_checkpoint):
         with pytest.raises(FormatError, match=r"absent\.x: file not found"):
             load(tmp_path / "absent.x")
 
@@ -360,13 +363,13 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         "lam": torch.tensor([1e-3, 2e-3], dtype=torch.float64),
     }
     state = {"step": 42, "config": RunConfig().to_dict(), "lambda": [0.1, 0.2]}
-    hio.save_checkpoint(path, tensors, state)
+    checkpoint.save_checkpoint(path, tensors, state)
 
-    loaded, loaded_state = hio.load_checkpoint(path)
+    loaded, loaded_state = checkpoint.load_checkpoint(path)
     assert loaded_state == {
         **json.loads(json.dumps(state)),
         "format": "hsae-checkpoint/1",
-        "sha256": hio.checkpoint_digest(tensors, state | {"format": "hsae-checkpoint/1"}),
+        "sha256": checkpoint.checkpoint_digest(tensors, state | {"format": "hsae-checkpoint/1"}),
     }
     assert torch.equal(loaded["w"], weight) and torch.equal(loaded["w_t"], weight.t())
     assert loaded["lam"].dtype == torch.float64
@@ -376,31 +379,32 @@ def test_checkpoint_without_state(tmp_path: Path) -> None:
     path = tmp_path / "plain.safetensors"
     hio.atomic_save_safetensors(path, {"w": torch.ones(2)})
     with pytest.raises(FormatError, match=r"plain\.safetensors: not an HSAE checkpoint"):
-        hio.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     hio.atomic_save_safetensors(path, {"w": torch.ones(2)}, {"hsae_state": '{"step": 1}'})
     with pytest.raises(FormatError, match=r"checkpoint format is None"):
-        hio.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 def test_checkpoint_with_changed_bytes_is_refused(tmp_path: Path) -> None:
     """The issue's probe: 64 floats of W_enc sign-flipped, a file safetensors still reads."""
     path = tmp_path / "ckpt.safetensors"
-    hio.save_checkpoint(path, {"W_enc": torch.randn(16, 8), "b": torch.zeros(3)}, {"step": 5})
+    tensors = {"W_enc": torch.randn(16, 8), "b": torch.zeros(3)}
+    checkpoint.save_checkpoint(path, tensors, {"step": 5})
     flip_signs(path, "W_enc", 64)
     assert hio.load_safetensors(path)["W_enc"].shape == (16, 8)  # still a valid file
     with pytest.raises(FormatError) as err:
-        hio.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
     assert "checksum mismatch" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_checkpoint_with_changed_state_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "ckpt.safetensors"
-    hio.save_checkpoint(path, {"w": torch.ones(4)}, {"step": 5})
-    tensors, metadata = hio._read_safetensors(path)
+    checkpoint.save_checkpoint(path, {"w": torch.ones(4)}, {"step": 5})
+    tensors, metadata = hio.read_safetensors(path)
     metadata["hsae_state"] = metadata["hsae_state"].replace('"step": 5', '"step": 6')
     hio.atomic_save_safetensors(path, tensors, metadata)
     with pytest.raises(FormatError, match="checksum mismatch"):
-        hio.load_checkpoint(path)
+        checkpoint.load_checkpoint(path)
 
 
 # --------------------------------------------------------------------------- activations

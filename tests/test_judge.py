@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hsae import cli, io
+from hsae import cli, trained_dir
 from hsae.explore.contexts import ContextStore, empty_level
 from hsae.explore.judge_prompts import (
     DETECT_PROMPT,
@@ -220,7 +220,7 @@ def write_model(directory: Path, sizes: list[int], parents: list[int]) -> None:
     for n in sizes:
         w_dec = torch.randn(n, 4, generator=gen)
         levels.append(
-            io.LevelWeights(
+            trained_dir.LevelWeights(
                 torch.randn(4, n, generator=gen),
                 torch.zeros(n),
                 w_dec / w_dec.norm(dim=1, keepdim=True),
@@ -228,7 +228,7 @@ def write_model(directory: Path, sizes: list[int], parents: list[int]) -> None:
                 torch.full((n,), 0.1),
             )  # fmt: skip
         )
-    io.save_trained(directory, levels, [torch.tensor(parents)], 1.0, {}, {})
+    trained_dir.save_trained(directory, levels, [torch.tensor(parents)], 1.0, {}, {})
 
 
 def make_forest(

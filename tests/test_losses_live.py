@@ -1,14 +1,15 @@
-"""The live-entry loss (hsae/losses_live.py) against the dense reference (losses.hsae_loss_dense):
-same value, same gradient for every parameter, with every mechanism switched on."""
+"""The live-entry loss (hsae/method/losses_live.py) against the dense reference
+(losses.hsae_loss_dense): same value, same gradient for every parameter, with every
+mechanism switched on."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hsae.losses import LossInputs, hsae_loss_dense
-from hsae.losses_live import encode_live, hsae_loss_live, live_entries
-from hsae.model import HSAE
+from hsae.method.losses import LossInputs, hsae_loss_dense
+from hsae.method.losses_live import encode_live, hsae_loss_live, live_entries
+from hsae.method.model import HSAE
 
 
 def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0) -> HSAE:
@@ -117,7 +118,7 @@ def test_exact_live_set_is_every_entry_above_the_window() -> None:
 def test_gpu_training_step_never_syncs_with_the_host(tmp_path) -> None:
     """Between hierarchy updates a GPU step runs without a host-device sync."""
     from hsae.config import HSAEConfig, RunConfig, TrainConfig
-    from hsae.train import Trainer
+    from hsae.method.train import Trainer
 
     data = torch.randn(4, 256, 32, device="cuda")
     cfg = RunConfig(

@@ -1,4 +1,4 @@
-"""Hand-computed checks of the section-4.2 measures in hsae.metrics."""
+"""Hand-computed checks of the section-4.2 measures in hsae.evaluation.metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hsae.metrics import (
+from hsae.evaluation.metrics import (
     Evaluator,
     FiringMatch,
     LevelStats,

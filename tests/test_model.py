@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from hsae.jumprelu import JumpReLU, Step
-from hsae.losses import (
+from hsae.method.jumprelu import JumpReLU, Step
+from hsae.method.losses import (
     LossInputs,
     draw_substitution,
     ghost_grad_loss,
@@ -20,7 +20,7 @@ from hsae.losses import (
     pc_loss_naive,
     perturbed_reconstruction,
 )
-from hsae.model import HSAE, THRESHOLD_FLOOR
+from hsae.method.model import HSAE, THRESHOLD_FLOOR
 
 torch.set_num_threads(1)
 

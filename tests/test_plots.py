@@ -9,8 +9,8 @@ import math
 import pytest
 from test_cli import assert_one_line_error, run_cli, train_argv
 
-from hsae import plots
 from hsae.cli import main
+from hsae.evaluation import plots
 from hsae.io import FormatError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -217,7 +217,7 @@ def test_curves_plot_the_logged_values(tmp_path):
 
 
 def test_plots_curves_command(tmp_path, capsys):
-    from hsae.train_log import LOG_FILE
+    from hsae.method.train_log import LOG_FILE
 
     run = tmp_path / "run"
     rc = main(["train", "--out", str(run), "--model.sizes", "8,16", "--model.target_l0", "3",

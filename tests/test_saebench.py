@@ -29,7 +29,11 @@ datasets = pytest.importorskip("datasets")
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights  # noqa: E402
 
-from hsae import io, pipeline, saebench  # noqa: E402
+from hsae import (  # noqa: E402
+    pipeline,
+    saebench,
+    trained_dir,  # noqa: E402
+)
 from hsae.cli import main  # noqa: E402
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig  # noqa: E402
 from hsae.data import extract as ex  # noqa: E402
@@ -279,14 +283,14 @@ def test_core_eval_matches_our_measures_on_every_level(world, tmp_path):
 def _identity_and_zero(directory, scale: float = 0.5) -> None:
     """Level 0 reproduces x exactly (features relu(x) and relu(-x)); level 1 never fires."""
     eye = torch.eye(D)
-    identity = io.LevelWeights(torch.cat([eye, -eye], 1) / scale, torch.zeros(2 * D),
+    identity = trained_dir.LevelWeights(torch.cat([eye, -eye], 1) / scale, torch.zeros(2 * D),
                                torch.cat([eye, -eye], 0) * scale, torch.zeros(D),
                                torch.zeros(2 * D))  # fmt: skip
-    never = io.LevelWeights(torch.randn(D, 4 * D), torch.zeros(4 * D),
+    never = trained_dir.LevelWeights(torch.randn(D, 4 * D), torch.zeros(4 * D),
                             torch.nn.functional.normalize(torch.randn(4 * D, D), dim=1),
                             torch.zeros(D), torch.full((4 * D,), 1e9))  # fmt: skip
     parents = [torch.arange(4 * D) % (2 * D)]
-    io.save_trained(directory, [identity, never], parents, scale, {}, {})
+    trained_dir.save_trained(directory, [identity, never], parents, scale, {}, {})
 
 
 def test_identity_level_recovers_everything_and_a_dead_level_nothing(world, tmp_path):

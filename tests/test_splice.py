@@ -19,9 +19,9 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerFast,
 )
 
-import hsae.splice as splice  # noqa: E402
-from hsae.model import HSAE  # noqa: E402
-from hsae.splice import find_blocks, locate_hidden_state, splice_eval  # noqa: E402
+import hsae.evaluation.splice as splice  # noqa: E402
+from hsae.evaluation.splice import find_blocks, locate_hidden_state, splice_eval  # noqa: E402
+from hsae.method.model import HSAE  # noqa: E402
 
 D = 32
 TEXTS = [

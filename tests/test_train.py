@@ -19,9 +19,10 @@ from conftest import TINY_RUN_FLAGS, flip_signs
 from hsae import pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
-from hsae.io import FormatError, load_checkpoint, load_json, load_safetensors
-from hsae.train import CHECKPOINT, Trainer, estimate_scale, lr_at
-from hsae.train_log import LOG_FILE, read_log
+from hsae.io import FormatError, load_json, load_safetensors
+from hsae.method.checkpoint import load_checkpoint
+from hsae.method.train import CHECKPOINT, Trainer, estimate_scale, lr_at
+from hsae.method.train_log import LOG_FILE, read_log
 from hsae.trained import TrainedHSAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -488,7 +489,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, subprocess_env, python_exe)
 def test_hierarchy_updates_at_multiples_but_not_after_the_last_step(tmp_path, monkeypatch, links):
     """Joint: one update at every multiple of update_every except the final step, so the
     model ends with the links it trained with. Post-hoc: one update, after training."""
-    from hsae.hierarchy import Hierarchy
+    from hsae.method.hierarchy import Hierarchy
 
     cfg = tiny_cfg(60, update_every=20, links=links)
     seen: list[int] = []

@@ -7,7 +7,7 @@ import json
 import pytest
 from test_train import make_trainer, tiny_cfg
 
-from hsae.train_log import LOG_FILE, TrainLog, read_log
+from hsae.method.train_log import LOG_FILE, TrainLog, read_log
 
 FIELDS = {"step", "tokens", "lr", "loss", "reconstruction", "sparsity", "pc", "ghost", "l0",
           "fve", "lambda", "dead_frac", "tokens_per_s"}  # fmt: skip

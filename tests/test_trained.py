@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hsae.io import FormatError
-from hsae.model import HSAE
+from hsae.method.model import HSAE
 from hsae.trained import MODEL_DIR, TrainedHSAE, read_header, trained_directory
 
 

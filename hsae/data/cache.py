@@ -1,24 +1,6 @@
-"""On-disk activation cache: sharded safetensors plus a JSON manifest, streamed back in
-shuffled batches whose memory is bounded by a shuffle buffer, not by the cache.
-
-Layout of a cache directory::
-
-    manifest.json              {"format": "hsae-cache/1", "complete", "d", "dtype",
-                                "shard_tokens", "n_tokens", "texts_done", "scale",
-                                "row_norm_sum", "meta": {model, layer, text source, ...},
-                                "shards": [{"file", "rows", "bytes", "sha256", "texts_done"}]}
-    shard_00000.safetensors    one tensor "acts" of shape (rows, d) in the cache's dtype
-    shard_00001.safetensors    ...
-
-Writing (:class:`CacheWriter`). Rows are buffered and written as a shard once the buffer
-holds ``shard_tokens`` rows; a shard only ever ends at an :meth:`CacheWriter.add` boundary,
-so each shard entry records exactly how many texts its rows (and all earlier ones) came
-from. Every shard is written atomically, then the manifest is rewritten atomically: the
-manifest lists complete shards only. A crash between the two leaves an orphan shard, which
-the next open removes together with any leftover temp file. Reopening with the same
-settings resumes: ``writer.texts_done`` says how many texts to skip. :meth:`CacheWriter.close`
-writes the remainder, the token count and the input scale ``s`` with ``E||s x|| = sqrt(d)``
-(from a running sum of row norms), and marks the cache complete.
+"""Reading an activation cache, streamed back in shuffled batches whose memory is bounded
+by a shuffle buffer, not by the cache (format: `hsae.data.cache_format`; writing:
+`hsae.data.cache_writer`).
 
 Reading (:class:`CachedActivations`). Opening checks the manifest and that every shard file
 has its recorded byte size (cheap); the first load of each shard checks its SHA-256. A
@@ -58,368 +40,29 @@ window, ``max(buffer_tokens, largest shard)`` rows.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import copy
 import hashlib
-import json
-import math
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from hsae import io
 from hsae.data.activations import HeldOutSplit
-from hsae.io import FormatError, one_line
-
-CACHE_FORMAT = "hsae-cache/1"
-MANIFEST = "manifest.json"
-SHARD_KEY = "acts"
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-DEFAULT_SHARD_TOKENS = 2**20
-DEFAULT_BUFFER_TOKENS = 2**22
-
-_SHARD_NAME = re.compile(r"shard_\d{5,}\.safetensors")
-_TEMP_NAME = re.compile(r"\.(manifest\.json|shard_\d{5,}\.safetensors)\.[0-9a-f]+\.tmp")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_HASH_CHUNK = 1 << 22
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.safetensors"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _as_json(obj: Any) -> Any:
-    """``obj`` as JSON would give it back (tuples become lists, numpy scalars numbers)."""
-    return json.loads(io.to_json_text(obj))
-
-
-# =========================================================================== writing
-
-
-class CacheWriter:
-    """Write (or resume writing) an activation cache in ``directory``.
-
-    ``meta`` describes where the activations came from (model, layer, text source, context
-    length, ...); it must be JSON-serialisable and is stored as the manifest's ``meta``. A
-    directory that already holds a manifest is resumed if ``meta``, ``dtype`` and
-    ``shard_tokens`` match what it was written with, and refused otherwise.
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike,
-        meta: dict,
-        shard_tokens: int = DEFAULT_SHARD_TOKENS,
-        dtype: str = "float32",
-    ) -> None:
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        if not _is_int(shard_tokens) or shard_tokens <= 0:
-            raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
-        if not isinstance(meta, dict):
-            raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
-        self.directory = Path(directory)
-        self.meta = _as_json(meta)
-        self.dtype = dtype
-        self.shard_tokens = shard_tokens
-        self._torch_dtype = DTYPES[dtype]
-        self._buffer: list[Tensor] = []
-        self._buffered_rows = 0
-        self._buffered_texts = 0
-        manifest_path = self.directory / MANIFEST
-        if manifest_path.exists():
-            self._resume(manifest_path)
-        else:
-            self._start_fresh()
-        self._remove_leftovers()
-
-    # ------------------------------------------------------------------ open
-
-    def _start_fresh(self) -> None:
-        if self.directory.exists() and not self.directory.is_dir():
-            raise FormatError(f"cache directory {self.directory} exists and is not a directory")
-        if self.directory.is_dir():
-            foreign = [
-                p.name
-                for p in self.directory.iterdir()
-                if not (_SHARD_NAME.fullmatch(p.name) or _TEMP_NAME.fullmatch(p.name))
-            ]
-            if foreign:
-                raise FormatError(
-                    f"{self.directory} is not empty and holds no {MANIFEST} (found "
-                    f"{sorted(foreign)[0]!r}); refusing to write a cache there"
-                )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.d: int | None = None
-        self.shards: list[dict] = []
-        self._committed_rows = 0
-        self._committed_texts = 0
-        self._norm_sum = 0.0
-        self.complete = False
-        self.scale: float | None = None
-        # no manifest until the first shard: a run that fails before any row is written
-        # must not leave settings behind that block a corrected rerun
-
-    def _resume(self, path: Path) -> None:
-        manifest = _check_manifest(path, io.load_json(path))
-        theirs = {
-            "dtype": manifest["dtype"],
-            "shard_tokens": manifest["shard_tokens"],
-            **{f"meta.{k}": v for k, v in manifest["meta"].items()},
-        }
-        ours = {
-            "dtype": self.dtype,
-            "shard_tokens": self.shard_tokens,
-            **{f"meta.{k}": v for k, v in self.meta.items()},
-        }
-        differ = [k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k)]
-        if differ:
-            shown = "; ".join(
-                f"{k}: {json.dumps(ours.get(k))} now, {json.dumps(theirs.get(k))} in {MANIFEST}"
-                for k in differ[:4]
-            )
-            more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
-            raise FormatError(
-                one_line(
-                    f"cache {self.directory} was written with other settings ({shown}{more}); "
-                    "use the same settings to resume, or another directory"
-                )
-            )
-        for entry in manifest["shards"]:
-            _check_shard_size(self.directory, entry)
-        self.d = manifest["d"]
-        self.shards = list(manifest["shards"])
-        self._committed_rows = manifest["n_tokens"]
-        self._committed_texts = manifest["texts_done"]
-        self._norm_sum = float(manifest["row_norm_sum"])
-        self.complete = bool(manifest["complete"])
-        self.scale = manifest["scale"]
-
-    def _remove_leftovers(self) -> None:
-        """Temp files of interrupted atomic writes, and shards the manifest does not list."""
-        listed = {entry["file"] for entry in self.shards}
-        for path in self.directory.iterdir():
-            orphan = _SHARD_NAME.fullmatch(path.name) and path.name not in listed
-            if (orphan or _TEMP_NAME.fullmatch(path.name)) and path.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-
-    # ------------------------------------------------------------------ progress
-
-    @property
-    def texts_done(self) -> int:
-        """Texts whose rows are safely on disk: on resume, skip this many texts."""
-        return self._committed_texts
-
-    @property
-    def n_tokens(self) -> int:
-        """Rows on disk plus rows buffered."""
-        return self._committed_rows + self._buffered_rows
-
-    # ------------------------------------------------------------------ writing
-
-    def add(self, acts: Tensor, texts_consumed: int) -> None:
-        """Buffer ``acts`` (``[n, d]``, from ``texts_consumed`` more texts); write a shard
-        when the buffer holds ``shard_tokens`` rows or more."""
-        if self.complete:
-            raise ValueError(f"cache {self.directory} is already complete; nothing to add")
-        if not _is_int(texts_consumed) or texts_consumed < 0:
-            raise ValueError(f"texts_consumed must be an integer >= 0, got {texts_consumed!r}")
-        if not isinstance(acts, Tensor) or acts.ndim != 2 or not acts.is_floating_point():
-            shape = list(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__
-            raise ValueError(f"acts must be a 2-D float tensor [n, d], got {shape}")
-        d = int(acts.shape[1])
-        if self.d is None:
-            if d == 0:
-                raise ValueError("acts have width 0")
-            self.d = d
-        elif d != self.d:
-            raise ValueError(f"acts have width {d}, cache {self.directory} has width {self.d}")
-        rows = acts.detach().to("cpu", self._torch_dtype, copy=True).contiguous()
-        if rows.numel() and not bool(torch.isfinite(rows).all()):
-            hint = (
-                " (beyond float16's range? use bfloat16 or float32)"
-                if (self.dtype == "float16" and bool(torch.isfinite(acts).all()))
-                else ""
-            )
-            raise ValueError(f"activations for cache {self.directory} contain NaN or Inf{hint}")
-        if rows.shape[0]:
-            self._buffer.append(rows)
-        self._buffered_rows += int(rows.shape[0])
-        self._buffered_texts += texts_consumed
-        if self._buffered_rows >= self.shard_tokens:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Write the buffer as the next shard, then the manifest that lists it."""
-        if self._buffered_rows == 0:
-            return
-        rows = self._buffer[0] if len(self._buffer) == 1 else torch.cat(self._buffer)
-        name = shard_name(len(self.shards))
-        data = safetensors_bytes({SHARD_KEY: rows})
-        io.atomic_write_bytes(self.directory / name, data)  # a failed write keeps the buffer
-        self._buffer = []
-        self._norm_sum += float(rows.float().norm(dim=1).double().sum())
-        self._committed_rows += int(rows.shape[0])
-        self._committed_texts += self._buffered_texts
-        self.shards.append(
-            {
-                "file": name,
-                "rows": int(rows.shape[0]),
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "texts_done": self._committed_texts,
-            }
-        )
-        self._buffered_rows = self._buffered_texts = 0
-        self._write_manifest()
-
-    def close(self, scale: float | None = None) -> None:
-        """Write the remaining rows, the token count and the input scale; mark complete.
-
-        ``scale`` defaults to ``sqrt(d) / mean ||x||`` over every row written. Closing a
-        complete cache does nothing.
-        """
-        if self.complete:
-            return
-        self._flush()
-        if self._buffered_texts:  # texts that gave no rows (e.g. only a BOS token)
-            self._committed_texts += self._buffered_texts
-            self._buffered_texts = 0
-        if self._committed_rows == 0:
-            raise ValueError(f"cache {self.directory}: no activations were added")
-        if scale is None:
-            mean_norm = self._norm_sum / self._committed_rows
-            if not mean_norm > 0:
-                raise ValueError(f"cache {self.directory}: activations are all zero")
-            scale = math.sqrt(self.d) / mean_norm
-        scale = float(scale)
-        if not math.isfinite(scale) or scale <= 0:
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
-        self.scale = scale
-        self.complete = True
-        self._write_manifest()
-
-    def _write_manifest(self) -> None:
-        io.atomic_write_json(
-            self.directory / MANIFEST,
-            {
-                "format": CACHE_FORMAT,
-                "complete": self.complete,
-                "d": self.d,
-                "dtype": self.dtype,
-                "shard_tokens": self.shard_tokens,
-                "n_tokens": self._committed_rows,
-                "texts_done": self._committed_texts,
-                "scale": self.scale,
-                "row_norm_sum": self._norm_sum,
-                "meta": self.meta,
-                "shards": self.shards,
-            },
-        )
-
-
-# =========================================================================== manifest checks
-
-
-def _check_manifest(path: Path, manifest: dict) -> dict:
-    """Field types and consistency of a manifest; FormatError (one line, naming ``path``)."""
-
-    def bad(problem: str) -> FormatError:
-        return FormatError(one_line(f"{path}: {problem}"))
-
-    if manifest.get("format") != CACHE_FORMAT:
-        raise bad(f"format is {manifest.get('format')!r}, expected {CACHE_FORMAT!r}")
-    for key in ("complete", "d", "dtype", "shard_tokens", "n_tokens", "texts_done", "shards"):
-        if key not in manifest:
-            raise bad(f"missing field {key!r}")
-    if not isinstance(manifest["complete"], bool):
-        raise bad(f"'complete' must be true or false, got {manifest['complete']!r}")
-    if manifest["dtype"] not in DTYPES:
-        raise bad(f"dtype must be one of {', '.join(DTYPES)}, got {manifest['dtype']!r}")
-    d = manifest["d"]
-    if d is not None and (not _is_int(d) or d <= 0):
-        raise bad(f"d must be a positive integer, got {d!r}")
-    for key in ("shard_tokens", "n_tokens", "texts_done"):
-        value = manifest[key]
-        if not _is_int(value) or value < 0 or (key == "shard_tokens" and value == 0):
-            raise bad(f"{key} must be a non-negative integer, got {value!r}")
-    if not isinstance(manifest.get("meta", {}), dict):
-        raise bad("'meta' must be a JSON object")
-    manifest.setdefault("meta", {})
-    norm_sum = manifest.setdefault("row_norm_sum", 0.0)
-    if not isinstance(norm_sum, (int, float)) or isinstance(norm_sum, bool):
-        raise bad(f"row_norm_sum must be a number, got {norm_sum!r}")
-    scale = manifest.setdefault("scale", None)
-    if scale is not None and (
-        not isinstance(scale, (int, float))
-        or isinstance(scale, bool)
-        or not math.isfinite(scale)
-        or scale <= 0
-    ):
-        raise bad(f"scale must be a positive number or null, got {scale!r}")
-    shards = manifest["shards"]
-    if not isinstance(shards, list):
-        raise bad("'shards' must be a list")
-    total, texts = 0, 0
-    for index, entry in enumerate(shards):
-        _check_entry(bad, index, entry)
-        if entry["texts_done"] < texts:
-            raise bad(f"shard {index}: texts_done decreases")
-        total, texts = total + entry["rows"], entry["texts_done"]
-    if total != manifest["n_tokens"]:
-        raise bad(f"n_tokens is {manifest['n_tokens']} but the shards hold {total} rows")
-    if texts > manifest["texts_done"]:
-        raise bad(f"texts_done is {manifest['texts_done']} but a shard records {texts}")
-    if shards and d is None:
-        raise bad("shards are listed but d is null")
-    return manifest
-
-
-def _check_entry(bad, index: int, entry: Any) -> None:
-    if not isinstance(entry, dict):
-        raise bad(f"shard {index} must be a JSON object")
-    if entry.get("file") != shard_name(index):
-        raise bad(f"shard {index} must be named {shard_name(index)!r}, got {entry.get('file')!r}")
-    for key in ("rows", "bytes", "texts_done"):
-        value = entry.get(key)
-        if not _is_int(value) or value < 0 or (key != "texts_done" and value == 0):
-            raise bad(f"shard {index}: {key} must be a positive integer, got {value!r}")
-    if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
-        raise bad(f"shard {index}: sha256 must be 64 lowercase hex digits")
-
-
-def _check_shard_size(directory: Path, entry: dict) -> None:
-    path = directory / entry["file"]
-    where = f"{entry['file']} in cache {directory}"
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise FormatError(f"{where} is missing") from None
-    if not path.is_file():
-        raise FormatError(f"{where} is not a regular file")
-    if size != entry["bytes"]:
-        kind = "truncated" if size < entry["bytes"] else "corrupt"
-        raise FormatError(f"{where} is {kind} ({size} bytes, expected {entry['bytes']})")
-
-
-# =========================================================================== reading
+from hsae.data.cache_format import (
+    DEFAULT_BUFFER_TOKENS,
+    DTYPES,
+    HASH_CHUNK,
+    MANIFEST,
+    SHARD_KEY,
+    check_manifest,
+    check_shard_size,
+)
+from hsae.io import FormatError
 
 
 @dataclass(frozen=True)
@@ -465,7 +108,7 @@ class CachedActivations(HeldOutSplit):
         if not self.directory.is_dir():
             raise FormatError(f"activation cache {self.directory} not found or not a directory")
         manifest_path = self.directory / MANIFEST
-        manifest = _check_manifest(manifest_path, io.load_json(manifest_path))
+        manifest = check_manifest(manifest_path, io.load_json(manifest_path))
         if not manifest["complete"]:
             raise FormatError(
                 f"cache {self.directory} is incomplete (an interrupted `hsae cache`?); "
@@ -479,7 +122,7 @@ class CachedActivations(HeldOutSplit):
                 f"the model expects {expected_d}"
             )
         for entry in manifest["shards"]:
-            _check_shard_size(self.directory, entry)
+            check_shard_size(self.directory, entry)
         self.manifest = manifest
         self._entries: list[dict] = manifest["shards"]
         self._offsets = np.cumsum([0] + [e["rows"] for e in self._entries]).tolist()
@@ -561,11 +204,11 @@ class CachedActivations(HeldOutSplit):
         """Shard ``index`` in its storage dtype; its SHA-256 is checked on the first load."""
         entry = self._entries[index]
         path = self.directory / entry["file"]
-        _check_shard_size(self.directory, entry)
+        check_shard_size(self.directory, entry)
         if index not in self._verified:
             digest = hashlib.sha256()
             with open(path, "rb") as handle:
-                while chunk := handle.read(_HASH_CHUNK):
+                while chunk := handle.read(HASH_CHUNK):
                     digest.update(chunk)
             if digest.hexdigest() != entry["sha256"]:
                 raise FormatError(f"{self._shard_where(index)} is corrupt (checksum mismatch)")

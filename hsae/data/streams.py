@@ -3,8 +3,8 @@
 A stream is a function `stream(start_step)` that yields the raw batch of every step from
 `start_step` on; a resumed run asks for the stream at its checkpoint's step and sees the
 same batches an uninterrupted run would have seen. The streams over files are each a
-:class:`~hsae.distributed.PerRankStream`: under torchrun each rank reads only its own part
-of every global batch (the rule is in :mod:`hsae.distributed`).
+:class:`~hsae.method.distributed.PerRankStream`: under torchrun each rank reads only its own part
+of every global batch (the rule is in :mod:`hsae.method.distributed`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 from hsae.data.activations import NpyActivations
 from hsae.data.cache import CachedActivations
 from hsae.data.planted import PlantedForest
-from hsae.distributed import PerRankStream, Stream, check_divisible
+from hsae.method.distributed import PerRankStream, Stream, check_divisible
 
 HELDOUT_SEED_OFFSET = 7_919_000  # evaluation draws never coincide with training draws
 

@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from hsae.data.extract import LoadedLM, check_layer, layer_activations, tokenize
 from hsae.explore.contexts import ContextStore, LevelContexts
-from hsae.model import HSAE
+from hsae.method.model import HSAE
 from hsae.trained import TrainedHSAE
 
 F16_MAX = 65504.0

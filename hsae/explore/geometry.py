@@ -56,9 +56,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hsae import pipeline
-from hsae.hierarchy import children_lists
 from hsae.io import atomic_write_json
-from hsae.model import HSAE
+from hsae.method.hierarchy import children_lists
+from hsae.method.model import HSAE
 from hsae.trained import TrainedHSAE
 
 BATCH = 1024
@@ -376,7 +376,7 @@ def project(inputs: list[Tensor], seed: int, n_epochs: int | None = None) -> np.
 def picture(group: Group, title: str, seed: int, n_epochs: int | None = None):
     """A matplotlib Figure: the UMAP of up to MAX_CHILDREN_SHOWN children (one colour
     each) and the unrelated feature (grey), legend entries named level:index."""
-    from hsae.plots import new_figure
+    from hsae.evaluation.plots import new_figure
 
     shown = sorted(range(len(group.children)), key=lambda k: -group.inputs[k].shape[0])
     shown = sorted(shown[:MAX_CHILDREN_SHOWN])
@@ -402,7 +402,7 @@ def picture(group: Group, title: str, seed: int, n_epochs: int | None = None):
 
 def write_pictures(groups: list[Group], name: str, out: Path, opts: Options) -> list[Path]:
     """One PNG per group for the first ``opts.n_pictures`` groups: out/name/parent_L_P.png."""
-    from hsae.plots import save_png
+    from hsae.evaluation.plots import save_png
 
     paths = []
     todo = groups[: opts.n_pictures]

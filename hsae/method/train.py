@@ -25,14 +25,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hsae import distributed, io
 from hsae.config import ConfigError, RunConfig
-from hsae.controller import SparsityController
-from hsae.hierarchy import Hierarchy
-from hsae.losses import LossInputs, LossOutput, draw_substitution
-from hsae.losses_live import capacity_for
-from hsae.model import HSAE
-from hsae.train_log import TrainLog
+from hsae.method import checkpoint, distributed
+from hsae.method.controller import SparsityController
+from hsae.method.hierarchy import Hierarchy
+from hsae.method.losses import LossInputs, LossOutput, draw_substitution
+from hsae.method.losses_live import capacity_for
+from hsae.method.model import HSAE
+from hsae.method.train_log import TrainLog
 
 Stream = Callable[[int], Iterator[Tensor]]
 """stream(start_step) yields the raw (unscaled) batch of every step from start_step on."""
@@ -204,12 +204,12 @@ class Trainer:
         }
         if distributed.is_main():  # one writer; the others wait for the file
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            io.save_checkpoint(self.checkpoint_path(), tensors, state)
+            checkpoint.save_checkpoint(self.checkpoint_path(), tensors, state)
         distributed.barrier()
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path()
-        tensors, state = io.load_checkpoint(path)
+        tensors, state = checkpoint.load_checkpoint(path)
         tensors = {name: t.to(self.device) for name, t in tensors.items()}
         if state.get("config") != self._comparable_config() or state.get("d_in") != self.d_in:
             raise ConfigError(

@@ -20,10 +20,11 @@ import torch
 
 from hsae import io
 from hsae.config import HSAEConfig
-from hsae.hierarchy import Hierarchy
-from hsae.io import FormatError, LevelWeights
-from hsae.model import HSAE
+from hsae.io import FormatError
+from hsae.method.hierarchy import Hierarchy
+from hsae.method.model import HSAE
 from hsae.trained import model_from_levels
+from hsae.trained_dir import LevelWeights
 
 ARCHITECTURES = ("jumprelu", "standard")
 

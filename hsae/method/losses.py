@@ -10,7 +10,7 @@ SAE~_l is the perturbed reconstruction: each parent with children is substituted
 children with probability r (one draw per feature per step, design §3).
 
 `hsae_loss_dense` computes it exactly as the formulas read: the reference. The training
-step runs the same loss over live entries only (`hsae.losses_live.hsae_loss_live`), tested
+step runs the same loss over live entries only (`hsae.method.losses_live.hsae_loss_live`), tested
 against this one value by value and gradient by gradient. Both return a `LossOutput` with
 every term reported.
 """
@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from hsae.jumprelu import Step
+from hsae.method.jumprelu import Step
 
 if TYPE_CHECKING:
-    from hsae.model import HSAE
+    from hsae.method.model import HSAE
 
 
 # ---------------------------------------------------------------- parent arrays
@@ -162,7 +162,7 @@ class LossInputs:
     dead: list[Tensor] | None = None
     dense: bool = False
     """Compute densely, exactly as the formulas read (hsae_loss_dense), not over live
-    entries (hsae.losses_live): the reference the fast path is tested against."""
+    entries (hsae.method.losses_live): the reference the fast path is tested against."""
     capacity: list[int] | None = None
     """Live entries per level on a GPU (fixed sizes keep the step free of host syncs)."""
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hsae import io
+from hsae import io, trained_dir
 from hsae.config import ConfigError
 from hsae.trained import data_of, read_header, trained_directory
 
@@ -107,7 +107,7 @@ def level_metadata(
     model_dir: Path, model_name: str | None = None, hook: str | None = None
 ) -> dict[str, Any]:
     """What SAEBench needs, from flags first, then cfg.json, then the training cache."""
-    exported = io.load_json(model_dir / "level_0" / io.SAE_CFG_FILE).get("metadata", {})
+    exported = io.load_json(model_dir / "level_0" / trained_dir.SAE_CFG_FILE).get("metadata", {})
     cached = training_metadata(model_dir)
     meta = {key: exported.get(key) or cached.get(key) for key in
             ("model_name", "hook_name", "context_size", "dataset_path")}  # fmt: skip

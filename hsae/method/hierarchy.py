@@ -17,10 +17,10 @@ import math
 import torch
 from torch import Tensor
 
-from hsae import distributed
 from hsae.config import HSAEConfig
-from hsae.losses import has_children
-from hsae.model import HSAE
+from hsae.method import distributed
+from hsae.method.losses import has_children
+from hsae.method.model import HSAE
 
 
 def unlinked(sizes: tuple[int, ...], device: torch.device | str = "cpu") -> list[Tensor]:

@@ -44,7 +44,7 @@ def _number(value: object) -> float | None:
 
 
 def check_report(report: dict, where: str, per_level: bool = False) -> dict:
-    """One model's eval report (see hsae.metrics.evaluate), checked for what we draw."""
+    """One model's eval report (see hsae.evaluation.metrics.evaluate), checked for what we draw."""
     for key, _ in MEASURES:
         if key not in report or _number(report[key]) is None:
             raise FormatError(f"{where}: '{key}' must be a number, got {report.get(key)!r}")
@@ -276,7 +276,7 @@ def curves_figure(records: list[dict]):
 
 
 def write_curves(run_dir: str | Path, out: str | Path) -> list[Path]:
-    from hsae.train_log import LOG_FILE, read_log
+    from hsae.method.train_log import LOG_FILE, read_log
 
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():

@@ -1,5 +1,5 @@
 """The training loss over live entries only: the same value and gradients as
-:func:`hsae.losses.hsae_loss_dense` (the paper's formulas, written densely), at a fraction
+:func:`hsae.method.losses.hsae_loss_dense` (the paper's formulas, written densely), at a fraction
 of the cost.
 
 A level's JumpReLU output a = pi H(pi - theta) is zero wherever pi <= theta, and the
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.jumprelu import JumpReLU, Step
-from hsae.losses import LossInputs, LossOutput, ghost_grad_loss, has_children
+from hsae.method.jumprelu import JumpReLU, Step
+from hsae.method.losses import LossInputs, LossOutput, ghost_grad_loss, has_children
 
 if TYPE_CHECKING:
-    from hsae.model import HSAE
+    from hsae.method.model import HSAE
 
 
 @dataclass
@@ -219,7 +219,7 @@ def substitution_delta(
 def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor) -> Tensor:
     """Mean over tokens of sum_i L_PC,(l,i) (section 3.1) from live entries.
 
-    With unit decoder rows (see :func:`hsae.model.pc_loss`),
+    With unit decoder rows (see :func:`hsae.method.model.pc_loss`),
         ||a_p d_p - sum_j a_j d_j||^2 = a_p^2 - 2 a_p sum_j a_j <d_p, d_j> + ||sum_j a_j d_j||^2.
     The last term, per (token, parent) group of live children, is sum_j a_j^2 plus, for
     groups of two or more, ||sum_j a_j d_j||^2 - sum_j a_j^2: only those need rows of d.
@@ -285,7 +285,7 @@ def capacity_for(batch: int, n: int, target_l0: float) -> int:
 
 
 def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
-    """L_HSAE on one batch (as :func:`hsae.losses.hsae_loss_dense`), over live entries, in
+    """L_HSAE on one batch (as :func:`hsae.method.losses.hsae_loss_dense`), over live entries, in
     lists of ``inp.capacity`` entries per level when given (GPU, no sync)."""
     caps = inp.capacity or [None] * model.n_levels
     lives = [encode_live(model, x, level, caps[level]) for level in range(model.n_levels)]

@@ -7,8 +7,8 @@ L JumpReLU SAE levels read the same (scaled) input x. For level l:
     f_l,i(x) = a_l,i(x) W_dec,l[i]                             one feature's output
     SAE_l(x) = b_dec,l + sum_i f_l,i(x)
 
-The loss it trains with is in `hsae.losses` (the dense reference) and `hsae.losses_live`
-(the same over live entries, what training runs).
+The loss it trains with is in `hsae.method.losses` (the dense reference) and
+`hsae.method.losses_live` (the same over live entries, what training runs).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hsae.jumprelu import JumpReLU
-from hsae.losses import LossInputs, LossOutput, hsae_loss_dense
-from hsae.losses_live import hsae_loss_live
+from hsae.method.jumprelu import JumpReLU
+from hsae.method.losses import LossInputs, LossOutput, hsae_loss_dense
+from hsae.method.losses_live import hsae_loss_live
 
 THRESHOLD_FLOOR = 1e-6  # theta is learned directly and kept positive (design §1)
 

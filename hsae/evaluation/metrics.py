@@ -67,7 +67,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from hsae.model import unit_rows
+from hsae.method.model import unit_rows
 
 COPY_COSINE = 0.9
 COPY_JACCARD = 0.8

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from hsae.data.extract import find_blocks
-from hsae.model import HSAE
+from hsae.method.model import HSAE
 
 KINDS = {"causal": "next-token CE", "masked": "masked-LM CE", "encoder": "final-hidden MSE"}
 

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's measures, loss recovered by splicing, tables and figures."""

@@ -1,0 +1,1 @@
+"""Interop: SAE Lens SAEs linked post hoc, SAEBench on each level."""

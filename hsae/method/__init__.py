@@ -1,0 +1,1 @@
+"""The method: the levels, their loss, the hierarchy, the lambda controller, training."""
