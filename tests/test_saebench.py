@@ -29,14 +29,11 @@ datasets = pytest.importorskip("datasets")
 from transformer_lens import HookedTransformer, HookedTransformerConfig  # noqa: E402
 from transformer_lens.pretrained.weight_conversions.gpt2 import convert_gpt2_weights  # noqa: E402
 
-from hsae import (  # noqa: E402
-    pipeline,
-    saebench,
-    trained_dir,  # noqa: E402
-)
+from hsae import pipeline, trained_dir  # noqa: E402
 from hsae.cli import main  # noqa: E402
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig  # noqa: E402
 from hsae.data import extract as ex  # noqa: E402
+from hsae.interop import saebench  # noqa: E402
 from hsae.trained import TrainedHSAE  # noqa: E402
 
 D, LAYER, CONTEXT = 32, 1, 32
