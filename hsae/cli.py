@@ -190,8 +190,8 @@ def cmd_posthoc(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise ConfigError(f"{out}: exists and is not empty; --overwrite replaces it")
-    model, parents = build_posthoc(args.sae_dirs, args.similarity, args.tree,
-                                   args.unassigned_quantile)  # fmt: skip
+    model, parents = build_posthoc(args.sae_dirs, similarity=args.similarity, tree=args.tree,
+                                   unassigned_quantile=args.unassigned_quantile)  # fmt: skip
     config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in args.sae_dirs],
                           "similarity": args.similarity, "tree": args.tree,
                           "unassigned_quantile": args.unassigned_quantile}}  # fmt: skip

@@ -35,6 +35,9 @@ when a window holds fewer than about ``N`` shards: keep ``shard_tokens`` well be
 so a rank holds the shards its rows of the current window touch (in the cache's dtype),
 about ``buffer_tokens / N`` rows plus a shard or two; one process holds at most one
 window, ``max(buffer_tokens, largest shard)`` rows.
+
+Why one file of about 470 lines: the shuffle plan and the per-rank parts decide together
+which rows each batch holds and which shards a rank loads.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ makes sampling a few tensor operations per level.
 
 `score_against_truth` matches a learned HSAE's decoder rows to the true
 directions and scores its learned parent links against the planted forest.
+
+Why one file of about 490 lines: the generator and the ground-truth scores read the same
+forest structure; each half alone is half a definition.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ Memory is bounded whatever the corpus: the state is ``[n, slots, window]`` per l
 and a batch is scored ``chunk_elements`` activations at a time (a slice of features), of
 which only the non-zero entries go on. The store depends on the texts, the model, the
 settings and the seed; not on the batch size (up to float noise of padded batches).
+
+Why one file of about 550 lines: the streaming pass, its per-feature heaps and reservoirs
+and its command share the state of that one pass.
 """
 
 from __future__ import annotations

@@ -49,15 +49,10 @@ def read_sae_lens(directory: str | Path) -> LevelWeights:
     return LevelWeights(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold)
 
 
-def build_posthoc(
-    directories: list[str],
-    similarity: str = "encoder",
-    tree: str = "partial",
-    unassigned_quantile: float = 0.2,
-) -> tuple[HSAE, list[torch.Tensor]]:
-    """The SAEs as the levels of one model (scale 1) and the post-hoc parent arrays."""
-    levels = [read_sae_lens(d) for d in directories]
-    return link_levels(levels, similarity, tree, unassigned_quantile)
+def build_posthoc(directories: list[str], **link_options) -> tuple[HSAE, list[torch.Tensor]]:
+    """The SAEs as the levels of one model (scale 1) and the post-hoc parent arrays;
+    ``link_options`` are `link_levels`'s (similarity, tree, unassigned_quantile)."""
+    return link_levels([read_sae_lens(d) for d in directories], **link_options)
 
 
 def link_levels(

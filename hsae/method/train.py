@@ -9,6 +9,10 @@ velocity-based sparsity controller on every level.
 
 Every random draw of a step comes from a generator seeded by (seed, step), so a run
 resumed from a checkpoint replays exactly the steps that an uninterrupted run takes.
+
+Why one file of about 430 lines: the loop owns the optimiser, controller, hierarchy,
+firing counters and their checkpointing, which must change together to stay bit-exact on
+resume.
 """
 
 from __future__ import annotations
