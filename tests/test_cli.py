@@ -398,8 +398,10 @@ def _unwritable_outputs(tmp_path: Path) -> list[tuple[list, str]]:
         (["eval", missing_model, "--json", a_dir], "is a directory"),
         (["eval", missing_model, "--plots", a_file], "exists and is not a directory"),
         (["posthoc", missing_model, "--out", a_file], "exists and is not a directory"),
-        (["cache", "--cache.model", "gpt2", "--cache.layer", "1", "--cache.out", a_file / "c"],
-         "is a file, not a directory"),  # fmt: skip
+        (
+            ["cache", "--cache.model", "gpt2", "--cache.layer", "1", "--cache.out", a_file / "c"],
+            "is a file, not a directory",
+        ),  # fmt: skip
         (["demo", "--out", a_file], "exists and is not a directory"),
         (["contexts", missing_model, "--out", a_file], "exists and is not a directory"),
         (["plots", "compare", a_file, "--out", a_file], "exists and is not a directory"),

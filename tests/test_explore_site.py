@@ -258,9 +258,7 @@ def _inline_handler_runs(browser, site: Path) -> bool:
     return ran
 
 
-def test_content_security_policy_blocks_inline_script_as_a_second_guard(
-    browser, planted, tmp_path
-):
+def test_content_security_policy_blocks_inline_script_as_a_second_guard(browser, planted, tmp_path):
     assert not _inline_handler_runs(browser, planted["site"])
     # positive control: the same site without the policy runs the payload, so the check
     # above can fail
