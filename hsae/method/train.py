@@ -283,20 +283,21 @@ class Trainer:
     def train_step(self, x_raw: Tensor) -> Tensor:
         """One gradient step on a raw batch; returns the loss (detached)."""
         t = self.cfg.train
-        x = x_raw.to(self.device, non_blocking=True).float() * self.model.scale
+        x = self.model.scaled(x_raw)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(
                 self.step, group["base_lr"], t.steps, t.warmup_frac, t.schedule, t.decay_frac
             )
         with torch.autocast(self.device.type, torch.bfloat16, enabled=t.autocast):
-            out = self.module(x, self.loss_inputs())
+            inputs = self.loss_inputs()
+            out = self.module(x, inputs)
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
         self.model.project_decoder_grads()
         self.opt.step()
         self.model.apply_constraints()
-        self.last_lambdas = self.controller.lambdas.clone()  # the ones this step's loss used
-        self.controller.update(distributed.mean(out.l0))
+        self.controller.update(distributed.mean(out.l0))  # replaces lambdas, leaves inputs'
+        self.last_lambdas = inputs.lambdas  # the ones this step's loss used, for the log
         self._track_firing(out.fired)
         if self.hierarchy.coact is not None:  # co-activation similarity: an EMA of co-firing
             self.hierarchy.observe(out.dense_acts())
