@@ -280,7 +280,7 @@ def write_curves(run_dir: str | Path, out: str | Path) -> list[Path]:
 
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():
-        raise FormatError(f"{path}: no training log (runs write one since hsae 0.1)")
+        raise FormatError(f"{path}: no training log (runs older than the log have none)")
     records = read_log(path)
     if not records:
         raise FormatError(f"{path}: the training log holds no line yet")
