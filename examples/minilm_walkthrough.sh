@@ -7,19 +7,19 @@ OUT=${OUT:-minilm_out}
 export HF_HUB_OFFLINE=1
 
 # 1. residual stream after block 3 over the built-in corpus (stdlib docstrings)
-hsae cache --cache.model minilm --cache.layer 3 --cache.text builtin \
-    --cache.context_len 256 --cache.max_tokens 200000 --cache.out "$OUT/cache"
+hsae cache --model minilm --layer 3 --text builtin \
+    --context_len 256 --max_tokens 200000 --out "$OUT/cache"
 
 # 2. HSAE and the post-hoc baseline on the same cache, same budget
 COMMON=(--data "$OUT/cache" --model.sizes 256,512,1024,2048 --model.target_l0 16
-        --model.update_every 250 --train.steps 2500 --train.batch_size 512 --eval-tokens 0)
+        --model.update_every 250 --train.steps 2500 --train.batch_size 512 --eval_tokens 0)
 hsae train --out "$OUT/hsae" "${COMMON[@]}"
 hsae train --out "$OUT/baseline" "${COMMON[@]}" \
     --model.links posthoc --model.rho 0 --model.perturb_rate 0
 
 # 3. measures on the held-out 5 % of the cache, and loss recovered on 100 unseen texts
 for run in hsae baseline; do
-    hsae eval "$OUT/$run" --splice 100 --json "$OUT/$run/eval.json"
+    hsae eval "$OUT/$run" --splice 100 --out "$OUT/$run/eval.json"
 done
 
 # 4. see the forest: top contexts on the texts the cache did not use, the explorer site,
@@ -29,13 +29,13 @@ for run in hsae baseline; do
 done
 hsae explore "$OUT/hsae" --contexts "$OUT/hsae/contexts" --out "$OUT/site"
 hsae geometry "$OUT/hsae" --baseline "$OUT/baseline" --out "$OUT/geometry" --parents 100 \
-    --per-feature 100 --seed 0
+    --per_feature 100 --seed 0
 hsae eval "$OUT/hsae" --baseline "$OUT/baseline" --plots "$OUT/figures"
 
 # 5. with an OpenAI-compatible endpoint in HSAE_JUDGE_BASE_URL / _MODEL / _API_KEY: the
 #    judge's yes-rate on parent-child links, for both forests
 if [ -n "${HSAE_JUDGE_BASE_URL:-}" ]; then
     hsae judge "$OUT/hsae" --contexts "$OUT/hsae/contexts" --baseline "$OUT/baseline" \
-        --baseline-contexts "$OUT/baseline/contexts" --out "$OUT/judge.json" \
+        --baseline_contexts "$OUT/baseline/contexts" --out "$OUT/judge.json" \
         --labels "$OUT/labels.json"
 fi

@@ -1,213 +1,223 @@
 """The `hsae` command: train, evaluate, see and judge hierarchical SAEs.
 
-Every field of the config dataclasses is a flag: `--model.sizes 64,128,256`,
-`--train.steps 3000`, `--planted.d 64`. A JSON config file (`--config run.json`, with
-"model" and "train" sections) sets defaults that flags override.
+Every command's options are a dataclass and every field a flag named as the field
+(`hsae eval RUN --eval_tokens 8192`); config sections are `--model.sizes 64,128,256`,
+`--train.steps 3000`, `--planted.d 64` (hsae/flags.py). A JSON config file
+(`--config run.json`, with "model" and "train" sections) sets defaults that flags override.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import importlib.metadata
-import math
 import sys
-import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from hsae import io, pipeline
-from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, describe_type
+from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
 from hsae.evaluation.report_table import format_report
+from hsae.flags import Command, HelpFormatter, Parser, add_command, option, options_from, outputs
 from hsae.interop.posthoc import build_posthoc
 from hsae.io import FormatError, atomic_write_json, load_json
 from hsae.method import distributed
 from hsae.trained import MODEL_DIR, TrainedHSAE
 
-SECTIONS = {"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig}
+# Shared option texts: one wording for one meaning across commands.
+DATA = "'planted', a .npy file (N, d) or a cache directory (hsae cache)"
+EVAL_FRAC = "held-out share of a .npy file"
+MODEL_DIR_HELP = "trained directory (or a run directory with model/)"
+BASELINE = "a second forest (e.g. the post-hoc baseline) to compare"
 
 
-# ---------------------------------------------------------------- dataclasses as flags
+# ---------------------------------------------------------------- train
 
 
-def _parse_value(kind, text: str):
-    """A flag's text as the field's type; argparse turns the error into a message."""
-    origin = typing.get_origin(kind)
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    try:
-        if origin is tuple:
-            return tuple(int(v) for v in text.replace(" ", "").split(",") if v)
-        if origin is typing.Literal:
-            return text
-        value = kind(text)
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        return value
-    except ValueError:
-        what = "comma-separated integers" if origin is tuple else describe_type(kind)
-        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+@dataclass(kw_only=True)
+class TrainOptions:
+    out: str = option(help="run directory (checkpoint, model/, train_log.jsonl)", output="dir")
+    data: str = option("planted", DATA)
+    config: str | None = option(None, "JSON file with 'model' and 'train' sections")
+    resume: bool = option(False, "continue from the checkpoint")
+    overwrite: bool = option(False, "replace a run already in --out")
+    eval_frac: float = option(0.05, EVAL_FRAC, low=0.0, high=0.5)
+    eval_tokens: int = option(65536, "held-out tokens evaluated after training (0: none)", low=0)
+    quiet: bool = option(False, "no progress bar")
+    sections: dict = field(default_factory=dict)
 
 
-class Parser(argparse.ArgumentParser):
-    """Usage errors as one line (`hsae train: error: ...`), not the whole usage text."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        return "required"
-    shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
-    return f"default: {shown}"
-
-
-def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type) -> None:
-    group = parser.add_argument_group(f"{prefix} options")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        kind = hints[f.name]
-        choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
-        group.add_argument(
-            f"--{prefix}.{f.name}",
-            dest=f"{prefix}.{f.name}",
-            default=None,
-            choices=choices,
-            type=lambda text, kind=kind: _parse_value(kind, text),
-            metavar=f.name.upper(),
-            required=_default_text(f) == "required",
-            help=f"({_default_text(f)})",
-        )
-
-
-def overrides(args: argparse.Namespace, prefix: str) -> dict:
-    return {
-        key.split(".", 1)[1]: value
-        for key, value in vars(args).items()
-        if key.startswith(prefix + ".") and value is not None
-    }
-
-
-def run_config(args: argparse.Namespace) -> RunConfig:
-    data = load_json(args.config) if args.config else {}
+def run_config(opts: TrainOptions) -> RunConfig:
+    """The config file's sections, then the flags over them."""
+    data = load_json(opts.config) if opts.config else {}
     unknown = sorted(set(data) - {"model", "train"})
     if unknown:
-        raise ConfigError(f"{args.config}: unknown section(s) {', '.join(unknown)}")
+        raise ConfigError(f"{opts.config}: unknown section(s) {', '.join(unknown)}")
     for section in ("model", "train"):
-        data[section] = {**data.get(section, {}), **overrides(args, section)}
+        data[section] = {**data.get(section, {}), **opts.sections[section]}
     cfg = RunConfig.from_dict(data)
-    cfg.train.progress = not args.quiet
+    cfg.train.progress = not opts.quiet
     cfg.validate()
     return cfg
 
 
-def source_from_args(args: argparse.Namespace) -> pipeline.Source:
-    return pipeline.data_source(args.data, args.eval_frac, overrides(args, "planted"))
-
-
-# ---------------------------------------------------------------- commands
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    if args.eval_tokens < 0:
-        raise ValueError(f"--eval-tokens must be >= 0 (0 skips evaluation), got {args.eval_tokens}")
-    cfg = run_config(args)
-    pipeline.check_new_run(args.out, args.resume, args.overwrite)
-    source = source_from_args(args)
-    result = pipeline.train(cfg, source, args.out, resume=args.resume)
+def cmd_train(opts: TrainOptions) -> None:
+    cfg = run_config(opts)
+    pipeline.check_new_run(opts.out, opts.resume, opts.overwrite)
+    source = pipeline.data_source(opts.data, opts.eval_frac, opts.sections["planted"])
+    result = pipeline.train(cfg, source, opts.out, resume=opts.resume)
     if not distributed.is_main():
         return
     print(
         f"trained {result.summary['steps']} steps in {result.summary['seconds']:.0f} s; "
-        f"model written to {Path(args.out) / MODEL_DIR}"
+        f"model written to {Path(opts.out) / MODEL_DIR}"
     )
-    if args.eval_tokens:
+    if opts.eval_tokens:
         report = pipeline.evaluate_model(
-            result.model, result.hierarchy.parents, source, args.eval_tokens
+            result.model, result.hierarchy.parents, source, opts.eval_tokens
         )
         print(format_report({"hsae": report}))
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    if args.tokens < 1:
-        raise ValueError(f"--tokens must be >= 1, got {args.tokens}")
-    if args.judge and not args.plots:
-        raise ValueError("--judge needs --plots DIR")
+# ---------------------------------------------------------------- eval
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    model_dir: str = option(help=MODEL_DIR_HELP, positional=True)
+    data: str | None = option(None, "'planted' or a .npy file (default: the training data)")
+    eval_frac: float = option(0.05, EVAL_FRAC, low=0.0, high=0.5)
+    eval_tokens: int = option(65536, "held-out tokens to evaluate", low=1)
+    out: str | None = option(None, "also write the full report to this JSON file", output="file")
+    baseline: str | None = option(None, BASELINE)
+    plots: str | None = option(None, "save Figure 3-style bar charts (PNG) here", output="dir")
+    judge: str | None = option(None, "an hsae judge report: adds the yes-rate panel to --plots")
+    splice: int = option(0, "loss recovered per level on N held-out texts (cache-trained "
+                         "models)", low=0, metavar="N")  # fmt: skip
+    sections: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.judge and not self.plots:
+            raise ConfigError("--judge needs --plots DIR")
+
+
+def cmd_eval(opts: EvalOptions) -> None:
     judge = None
-    if args.judge:  # read before the evaluation: a bad file fails at once
+    if opts.judge:  # read before the evaluation: a bad file fails at once
         from hsae.evaluation.plots import judge_rates
 
-        judge = judge_rates(args.judge, ["hsae", "baseline"])
-    trained = TrainedHSAE.load(args.model_dir)
-    planted = overrides(args, "planted")
-    source = pipeline.measured_source(trained, args.data, args.eval_frac, planted)
+        judge = judge_rates(opts.judge, ["hsae", "baseline"])
+    trained = TrainedHSAE.load(opts.model_dir)
+    source = pipeline.measured_source(trained, opts.data, opts.eval_frac, opts.sections["planted"])
     forests = {"model": trained}
-    if args.baseline:  # both on the same held-out tokens
-        base = TrainedHSAE.load(args.baseline)
+    if opts.baseline:  # both on the same held-out tokens
+        base = TrainedHSAE.load(opts.baseline)
         if base.d_in != trained.d_in:
-            raise ValueError(f"{args.baseline}: d_in {base.d_in}, but {args.model_dir} "
+            raise ValueError(f"{opts.baseline}: d_in {base.d_in}, but {opts.model_dir} "
                              f"has {trained.d_in}")  # fmt: skip
         forests = {"hsae": trained, "baseline": base}
-    reports = {name: _eval_one(forest, source, args) for name, forest in forests.items()}
+    reports = {name: _eval_one(forest, source, opts) for name, forest in forests.items()}
     print(format_report(reports))
-    if args.json:
-        atomic_write_json(args.json, reports if args.baseline else reports["model"])
-        print(f"wrote {args.json}")
-    if args.plots:
+    if opts.out:
+        atomic_write_json(opts.out, reports if opts.baseline else reports["model"])
+        print(f"wrote {opts.out}")
+    if opts.plots:
         from hsae.evaluation.plots import write_comparison
 
-        named = reports if args.baseline else {"hsae": reports["model"]}
-        paths = write_comparison(named, args.plots, judge)
+        named = reports if opts.baseline else {"hsae": reports["model"]}
+        paths = write_comparison(named, opts.plots, judge)
         print("wrote " + ", ".join(map(str, paths)))
 
 
-def _eval_one(trained: TrainedHSAE, source: pipeline.Source, args) -> dict:
-    report = pipeline.evaluate_model(trained.model, trained.parents, source, args.tokens)
-    if args.splice:
-        report["splice"] = pipeline.splice_report(trained, args.splice)
+def _eval_one(trained: TrainedHSAE, source: pipeline.Source, opts: EvalOptions) -> dict:
+    report = pipeline.evaluate_model(trained.model, trained.parents, source, opts.eval_tokens)
+    if opts.splice:
+        report["splice"] = pipeline.splice_report(trained, opts.splice)
         report["loss_recovered"] = [lv["loss_recovered"] for lv in report["splice"]["levels"]]
     return report
 
 
-def cmd_cache(args: argparse.Namespace) -> None:
-    req = pipeline.CacheRequest(**overrides(args, "cache"))
-    cache = pipeline.cache_activations(req, progress=not args.quiet)
+# ---------------------------------------------------------------- cache, posthoc, demo
+
+
+def cmd_cache(req: pipeline.CacheRequest) -> None:
+    cache = pipeline.cache_activations(req, progress=not req.quiet)
     print(
         f"cache {req.out}: {cache.n} activations of width {cache.d} "
         f"({req.model}, layer {req.layer}, text {req.text}), input scale {cache.scale:.4g}"
     )
 
 
-def cmd_posthoc(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
+@dataclass(kw_only=True)
+class PosthocOptions:
+    sae_dirs: list[str] = option(help="SAE Lens directories, smallest first", positional=True)
+    out: str = option(help="where to write the forest (HSAE format)", output="dir")
+    similarity: Literal["encoder", "decoder"] = option("encoder", "how a child finds its parent")
+    tree: Literal["partial", "full", "binary"] = option("partial", "which links are kept")
+    unassigned_quantile: float = option(0.2, "share of children left without a parent "
+                                        "(partial tree)", low=0.0, high=1.0)  # fmt: skip
+    overwrite: bool = option(False, "replace what --out holds")
+
+
+def cmd_posthoc(opts: PosthocOptions) -> None:
+    out = Path(opts.out)
+    if out.exists() and any(out.iterdir()) and not opts.overwrite:
         raise ConfigError(f"{out}: exists and is not empty; --overwrite replaces it")
-    model, parents = build_posthoc(args.sae_dirs, similarity=args.similarity, tree=args.tree,
-                                   unassigned_quantile=args.unassigned_quantile)  # fmt: skip
-    config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in args.sae_dirs],
-                          "similarity": args.similarity, "tree": args.tree,
-                          "unassigned_quantile": args.unassigned_quantile}}  # fmt: skip
-    TrainedHSAE(model, parents, config).save(args.out)
+    model, parents = build_posthoc(opts.sae_dirs, similarity=opts.similarity, tree=opts.tree,
+                                   unassigned_quantile=opts.unassigned_quantile)  # fmt: skip
+    config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in opts.sae_dirs],
+                          "similarity": opts.similarity, "tree": opts.tree,
+                          "unassigned_quantile": opts.unassigned_quantile}}  # fmt: skip
+    TrainedHSAE(model, parents, config).save(opts.out)
     linked = [int((p >= 0).sum()) for p in parents]
     print(
-        f"post-hoc forest over {len(args.sae_dirs)} SAEs (sizes {list(model.sizes)}): "
-        f"{linked} linked children per level pair; written to {args.out}; "
-        f"measure it with: hsae eval {args.out} --data ACTIVATIONS"
+        f"post-hoc forest over {len(opts.sae_dirs)} SAEs (sizes {list(model.sizes)}): "
+        f"{linked} linked children per level pair; written to {opts.out}; "
+        f"measure it with: hsae eval {opts.out} --data ACTIVATIONS"
     )
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+@dataclass(kw_only=True)
+class DemoOptions:
+    out: str = option("demo_out", "output directory", output="dir")
+    steps: int | None = option(None, "training steps per model (default: the demo's)", low=1)
+    seed: int = option(0, "training seed (the forest is fixed)")
+    quiet: bool = option(False, "no progress bars")
+
+
+def cmd_demo(opts: DemoOptions) -> None:
     from hsae.demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, progress=not args.quiet, seed=args.seed)
+    run_demo(Path(opts.out), steps=opts.steps, progress=not opts.quiet, seed=opts.seed)
+
+
+OWN_COMMANDS = [
+    Command(
+        "demo", "train HSAE and the post-hoc baseline on a planted forest", DemoOptions, cmd_demo
+    ),  # fmt: skip
+    Command(
+        "train",
+        "train an HSAE",
+        TrainOptions,
+        cmd_train,
+        sections={"model": HSAEConfig, "train": TrainConfig, "planted": PlantedConfig},
+    ),
+    Command(
+        "eval",
+        "measures of a trained HSAE on held-out activations",
+        EvalOptions,
+        cmd_eval,
+        sections={"planted": PlantedConfig},
+    ),  # fmt: skip
+    Command(
+        "cache", "extract a language model's activations to disk", pipeline.CacheRequest, cmd_cache
+    ),  # fmt: skip
+    Command(
+        "posthoc", "link existing SAE Lens SAEs into a post-hoc forest", PosthocOptions, cmd_posthoc
+    ),  # fmt: skip
+]
 
 
 # ---------------------------------------------------------------- entry point
@@ -221,73 +231,27 @@ def version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="hsae", description=__doc__.splitlines()[0])
+    parser = Parser(prog="hsae", description=__doc__.splitlines()[0],
+                    formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument("--version", action="version", version=f"hsae {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-
-    demo = sub.add_parser("demo", help="train HSAE and the post-hoc baseline on a planted forest")
-    demo.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    demo.add_argument("--steps", type=int, default=None, help="training steps per model")
-    demo.add_argument("--seed", type=int, default=0, help="training seed (the forest is fixed)")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.set_defaults(outputs={"out": "dir"})
-
-    train = sub.add_parser("train", help="train an HSAE")
-    train.add_argument("--config", help="JSON file with 'model' and 'train' sections")
-    train.add_argument(
-        "--data",
-        default="planted",
-        help="'planted', a .npy file (N, d) or a cache directory (hsae cache)",
-    )
-    train.add_argument("--out", required=True, help="run directory (checkpoint, model/)")
-    train.add_argument("--resume", action="store_true", help="continue from the checkpoint")
-    train.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
-    train.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
-    train.add_argument("--eval-tokens", type=int, default=65536, help="0: skip evaluation")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(outputs={"out": "dir"})
-    for prefix, cls in SECTIONS.items():
-        add_dataclass_flags(train, prefix, cls)
-
-    cache = sub.add_parser("cache", help="extract a language model's activations to disk")
-    add_dataclass_flags(cache, "cache", pipeline.CacheRequest)
-    cache.add_argument("--quiet", action="store_true", help="no progress bar")
-    cache.set_defaults(outputs={"cache.out": "dir"})
-
-    post = sub.add_parser("posthoc", help="link existing SAE Lens SAEs into a post-hoc forest")
-    post.add_argument("sae_dirs", nargs="+", help="SAE Lens directories, smallest first")
-    post.add_argument("--out", required=True, help="where to write the forest (HSAE format)")
-    post.add_argument("--similarity", default="encoder", choices=["encoder", "decoder"])
-    post.add_argument("--tree", default="partial", choices=["partial", "full", "binary"])
-    post.add_argument("--unassigned-quantile", type=float, default=0.2)
-    post.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-    post.set_defaults(outputs={"out": "dir"})
-
-    ev = sub.add_parser("eval", help="measures of a trained HSAE on held-out activations")
-    ev.add_argument("model_dir", help="trained directory (or a run directory with model/)")
-    ev.add_argument("--data", default=None, help="'planted' or a .npy file; default: training data")
-    ev.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of a .npy")
-    ev.add_argument("--tokens", type=int, default=65536, help="held-out tokens to evaluate")
-    ev.add_argument("--json", help="also write the full report to this JSON file")
-    ev.add_argument("--baseline", help="a second forest (e.g. the post-hoc baseline) to compare")
-    ev.add_argument("--plots", metavar="DIR", help="save Figure 3-style bar charts (PNG) here")
-    ev.add_argument("--judge", help="an hsae judge report: adds the yes-rate panel to --plots")
-    ev.add_argument(
-        "--splice",
-        type=int,
-        default=0,
-        metavar="N",
-        help="loss recovered per level on N held-out texts (models trained on a cache)",
-    )
-    add_dataclass_flags(ev, "planted", PlantedConfig)
-    ev.set_defaults(outputs={"json": "file", "plots": "dir"})
+    for command in OWN_COMMANDS:
+        add_command(sub, command)
     for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+        commands = importlib.import_module(module).COMMANDS
+        if isinstance(commands, tuple):  # (group name, help, [Command, ...])
+            name, text, members = commands
+            group = sub.add_parser(name, help=text, description=text)
+            inner = group.add_subparsers(dest="kind", required=True, parser_class=Parser)
+            for command in members:
+                add_command(inner, command)
+        else:
+            for command in commands:
+                add_command(sub, command)
     return parser
 
 
-# Commands that live beside what they run: each module's register(sub) adds its parser and
-# sets `run` (a function of the parsed args) as the parser's default.
+# Commands that live beside what they run: each module's COMMANDS lists its Command(s).
 COMMAND_MODULES: list[str] = [
     "hsae.explore.collect",
     "hsae.explore.judge",
@@ -298,29 +262,14 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
-COMMANDS = {
-    "demo": cmd_demo,
-    "train": cmd_train,
-    "eval": cmd_eval,
-    "cache": cmd_cache,
-    "posthoc": cmd_posthoc,
-}
-
-
-def check_outputs(args: argparse.Namespace) -> None:
-    """Every output a command declared (`parser.set_defaults(outputs={dest: "file"|"dir"})`)
-    is checked before the command computes anything."""
-    for dest, kind in getattr(args, "outputs", {}).items():
-        if getattr(args, dest, None):
-            io.check_writable(getattr(args, dest), kind)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    command = args.command_spec
     try:
-        check_outputs(args)
-        run = COMMANDS.get(args.command) or args.run
-        run(args)
+        opts = options_from(args, command)
+        for path, kind in outputs(opts).items():  # every output checked before any work
+            io.check_writable(path, kind)
+        command.run(opts)
     except (ConfigError, FormatError, FloatingPointError, ValueError, TypeError) as err:
         print(f"hsae: error: {err}", file=sys.stderr)
         return 2

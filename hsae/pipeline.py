@@ -27,6 +27,7 @@ from hsae.data.streams import Stream, cache_stream, npy_stream, planted_heldout,
 from hsae.data.text import text_source
 from hsae.evaluation.metrics import FiringMatch, evaluate_with_copies
 from hsae.evaluation.splice import splice_eval
+from hsae.flags import check_ranges, option
 from hsae.method import distributed
 from hsae.method.model import HSAE
 from hsae.method.train import CHECKPOINT, Trainer, TrainResult
@@ -135,29 +136,26 @@ def source_from_description(description: dict, expected_d: int) -> Source:
 # ---------------------------------------------------------------- cache LM activations
 
 
-@dataclass
+@dataclass(kw_only=True)
 class CacheRequest:
-    """What `hsae cache` extracts: a model's layer over a text source."""
+    """What `hsae cache` extracts: a model's layer over a text source (also its flags)."""
 
-    model: str
-    layer: int
-    text: str = "builtin"
-    out: str = "cache"
-    context_len: int = 1024
-    batch_size: int = 8
-    dtype: str = "float32"
-    max_tokens: int = 1_000_000
-    shard_tokens: int = 2**18
+    model: str = option(help="Hugging Face model name or path, or 'minilm' (offline)")
+    layer: int = option(help="hidden state index (0: embeddings)", low=0)
+    text: str = option("builtin", "builtin, a .txt/.jsonl file or directory, or hf:NAME")
+    out: str = option("cache", "cache directory (a rerun resumes it)", output="dir")
+    context_len: int = option(1024, "tokens per text", low=1)
+    batch_size: int = option(8, "texts per forward pass", low=1)
+    dtype: str = option("float32", f"model and cache dtype: {', '.join(CACHE_DTYPES)}")
+    max_tokens: int = option(1_000_000, "activations to extract", low=1)
+    shard_tokens: int = option(2**18, "activations per shard file", low=1)
+    quiet: bool = option(False, "no progress bar")
 
     def validate(self) -> None:
         """Bad settings fail before a model is loaded or a file written."""
-        for name in ("context_len", "batch_size", "max_tokens", "shard_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--cache.{name} must be >= 1, got {getattr(self, name)}")
-        if self.layer < 0:
-            raise ConfigError(f"--cache.layer must be >= 0, got {self.layer}")
+        check_ranges(self)
         if self.dtype not in CACHE_DTYPES:
-            raise ConfigError(f"--cache.dtype must be one of {', '.join(CACHE_DTYPES)}, "
+            raise ConfigError(f"--dtype must be one of {', '.join(CACHE_DTYPES)}, "
                               f"got {self.dtype!r}")  # fmt: skip
 
 

@@ -18,7 +18,7 @@ TINY_FOREST_FLAGS = [
     "--planted.depth", "2",
     "--planted.n_independent", "4",
 ]  # fmt: skip
-TINY_RUN_FLAGS = [*TINY_FOREST_FLAGS, "--eval-tokens", "0", "--quiet"]
+TINY_RUN_FLAGS = [*TINY_FOREST_FLAGS, "--eval_tokens", "0", "--quiet"]
 """A tiny planted forest and a quiet run without evaluation, for CLI runs in tests."""
 
 

@@ -32,7 +32,7 @@ SMALL = [
     "--train.lr", "3e-3",
     "--train.lambda_init", "0.1",
     "--train.scale_tokens", "1024",
-    "--eval-tokens", "0",
+    "--eval_tokens", "0",
     "--quiet",
 ]  # fmt: skip
 NPY_ROWS, NPY_D = 4096, 16
@@ -101,7 +101,7 @@ def test_train_on_npy_then_eval_prints_the_table(npy_run, tmp_path, capsys):
     assert header["config"]["data"]["kind"] == "npy"
 
     report_path = tmp_path / "report.json"
-    rc, stdout, err = run_cli(["eval", out, "--tokens", 4096, "--json", report_path], capsys)
+    rc, stdout, err = run_cli(["eval", out, "--eval_tokens", 4096, "--out", report_path], capsys)
     assert rc == 0, err
     lines = stdout.splitlines()
     l0_line = next(line for line in lines if line.startswith("L0 per level"))
@@ -150,7 +150,7 @@ def test_config_file_values_are_applied_and_flags_override_them(tmp_path, capsys
         "--train.steps", "12",  # overrides 40
         "--model.rho", "0.02",  # overrides 0.05
         "--planted.d", "16", "--planted.n_trees", "3", "--planted.n_independent", "4",
-        "--eval-tokens", "0", "--quiet",
+        "--eval_tokens", "0", "--quiet",
     ]  # fmt: skip
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 0, err
@@ -268,7 +268,7 @@ BASE_CONFIG = {
     "train": {"steps": 30, "batch_size": 256, "lr": 3e-3, "lambda_init": 0.1,
               "scale_tokens": 1024},
 }  # fmt: skip
-DATA_FLAGS = [*TINY_FOREST_FLAGS, "--eval-tokens", "0", "--quiet"]
+DATA_FLAGS = [*TINY_FOREST_FLAGS, "--eval_tokens", "0", "--quiet"]
 
 
 @pytest.mark.parametrize(
@@ -328,7 +328,7 @@ def test_missing_config_file(tmp_path, capsys, leftovers):
 def test_eval_npy_of_another_width(npy_run, tmp_path, capsys, write_npy):
     data = write_npy("narrow.npy", 512, NPY_D // 2)
     report = tmp_path / "report.json"
-    argv = ["eval", npy_run["out"], "--data", data, "--tokens", 256, "--json", report]
+    argv = ["eval", npy_run["out"], "--data", data, "--eval_tokens", 256, "--out", report]
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 2  # the README: bad input exits with 2
     assert_one_line_error(err, str(data), str(NPY_D // 2), str(NPY_D))
@@ -395,11 +395,11 @@ def _unwritable_outputs(tmp_path: Path) -> list[tuple[list, str]]:
     return [
         (train_argv(a_file), "exists and is not a directory"),
         (train_argv(a_file / "run"), "is a file, not a directory"),
-        (["eval", missing_model, "--json", a_dir], "is a directory"),
+        (["eval", missing_model, "--out", a_dir], "is a directory"),
         (["eval", missing_model, "--plots", a_file], "exists and is not a directory"),
         (["posthoc", missing_model, "--out", a_file], "exists and is not a directory"),
         (
-            ["cache", "--cache.model", "gpt2", "--cache.layer", "1", "--cache.out", a_file / "c"],
+            ["cache", "--model", "gpt2", "--layer", "1", "--out", a_file / "c"],
             "is a file, not a directory",
         ),  # fmt: skip
         (["demo", "--out", a_file], "exists and is not a directory"),
@@ -409,7 +409,7 @@ def _unwritable_outputs(tmp_path: Path) -> list[tuple[list, str]]:
 
 
 def test_bad_outputs_fail_before_any_work(tmp_path, capsys):
-    """The issue's probes: --out an existing file (a traceback after training before), --json
+    """The issue's probes: --out an existing file (a traceback after training before), --out
     a directory, --plots a file; the model named does not even exist, so only a check made
     before any work can give this error."""
     for argv, words in _unwritable_outputs(tmp_path):
@@ -491,7 +491,7 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys):
     np.save(first, rng.standard_normal((4096, 16)).astype(np.float32))
     np.save(second, rng.standard_normal((4096, 16)).astype(np.float32))
     out = tmp_path / "run"
-    flags = ["--train.checkpoint_every", "10", "--eval-tokens", "0"]
+    flags = ["--train.checkpoint_every", "10", "--eval_tokens", "0"]
     assert run_cli(train_argv(out, "--data", first, *flags), capsys)[0] == 0
     before = (out / CHECKPOINT).read_bytes()
     rc, _, err = run_cli(train_argv(out, "--data", second, "--resume", *flags), capsys)
@@ -546,11 +546,11 @@ def test_non_finite_config_file_values_are_refused(tmp_path, capsys):
     assert_one_line_error(err, "rho", "finite")
 
 
-@pytest.mark.parametrize("flag", ["--cache.context_len", "--cache.max_tokens"])
+@pytest.mark.parametrize("flag", ["--context_len", "--max_tokens"])
 def test_bad_cache_settings_leave_nothing_behind(tmp_path, capsys, flag):
     """A refused `hsae cache` writes no manifest, so the corrected rerun is not blocked."""
     out = tmp_path / "cache"
-    argv = ["cache", "--cache.model", "gpt2", "--cache.layer", "1", "--cache.out", out]
+    argv = ["cache", "--model", "gpt2", "--layer", "1", "--out", out]
     rc, _, err = run_cli([*argv, flag, "0"], capsys)
     assert rc == 2
     assert_one_line_error(err, flag, ">= 1")
@@ -560,7 +560,7 @@ def test_bad_cache_settings_leave_nothing_behind(tmp_path, capsys, flag):
 def test_a_run_without_links_says_so(tmp_path, capsys):
     """The issue's probe: shorter than update_every, every parent is -1; Hamming printed
     0.000 (perfect) and P(p|c) nan. Now the run warns and the table says "no links"."""
-    argv = train_argv(tmp_path / "run", "--model.update_every", "1000", "--eval-tokens", "1024")
+    argv = train_argv(tmp_path / "run", "--model.update_every", "1000", "--eval_tokens", "1024")
     with pytest.warns(UserWarning, match="no hierarchy update"):
         rc, out, err = run_cli(argv, capsys)
     assert rc == 0, err
@@ -611,9 +611,12 @@ def test_version(capsys):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["eval", "nowhere", "--tokens", "0"], "--tokens must be >= 1"),
-        (["train", "--out", "nowhere", "--eval-tokens", "-1"], "--eval-tokens must be >= 0"),
-        (["explore", "m", "--contexts", "c", "--out", "o", "--port", "70000"], "0..65535"),
+        (["eval", "nowhere", "--eval_tokens", "0"], "--eval_tokens must be >= 1"),
+        (["train", "--out", "nowhere", "--eval_tokens", "-1"], "--eval_tokens must be >= 0"),
+        (
+            ["explore", "m", "--contexts", "c", "--out", "o", "--port", "70000"],
+            "--port must be <= 65535",
+        ),
     ],
     ids=["eval-tokens-0", "train-eval-tokens", "port"],
 )

@@ -483,9 +483,9 @@ def test_cli_defaults_to_the_training_cache_and_its_unseen_texts(setups, lm_dirs
         "--out",
         str(tmp_path / "ctx"),
         "--quiet",
-        "--top-k",
+        "--top_k",
         str(TOP_K),
-        "--n-sampled",
+        "--n_sampled",
         str(N_SAMPLED),
         "--window",
         str(WINDOW),
@@ -524,9 +524,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(setups, lm_dirs, tmp_path, capsys)
     texts = str(_texts_file(tmp_path / "t.txt", TEXTS))
     (tmp_path / "empty.txt").write_text("\n\n")
     out = ["--out", str(tmp_path / "ctx"), "--quiet"]
-    lm = ["--lm", str(lm_dirs["gpt2"]), "--layer", str(LAYER)]
+    lm = ["--model", str(lm_dirs["gpt2"]), "--layer", str(LAYER)]
     _fails(capsys, ["contexts", str(tmp_path / "nope"), *out], "nope")
-    _fails(capsys, ["contexts", str(planted), *out], "pass --lm, --layer, --text")
+    _fails(capsys, ["contexts", str(planted), *out], "pass --model, --layer, --text")
     _fails(
         capsys,
         ["contexts", str(planted), *out, *lm, "--text", str(tmp_path / "empty.txt")],
@@ -542,7 +542,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(setups, lm_dirs, tmp_path, capsys)
             "contexts",
             str(planted),
             *out,
-            "--lm",
+            "--model",
             str(lm_dirs["gpt2"]),
             "--layer",
             "9",
@@ -552,7 +552,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(setups, lm_dirs, tmp_path, capsys)
         "layer 9",
     )
     _fails(capsys, ["contexts", str(planted), *out, *lm, "--text", texts, "--bins", "3"], "bins")
-    _fails(capsys, ["contexts", str(planted), *out, *lm, "--text", texts, "--top-k", "0"], "top_k")
+    _fails(capsys, ["contexts", str(planted), *out, *lm, "--text", texts, "--top_k", "0"], "top_k")
     assert not (tmp_path / "ctx").exists()
     gone = _save_model(model, tmp_path / "gone", {"kind": "cache", "path": str(tmp_path / "x")})
     _fails(capsys, ["contexts", str(gone), *out], str(tmp_path / "x"))

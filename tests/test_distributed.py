@@ -27,7 +27,7 @@ RUN = [
     "--train.batch_size", "256",
     "--train.scale_tokens", "1024",
     "--train.checkpoint_every", "10",
-    "--eval-tokens", "0",
+    "--eval_tokens", "0",
     "--quiet",
 ]  # fmt: skip
 PLANTED = PlantedConfig(d=16, n_trees=3, branching=2, depth=2, n_independent=4)  # the flags'

@@ -197,7 +197,7 @@ def test_choose_groups_needs_two_live_children_and_matches_frequency():
     parents = [torch.tensor([0, 0, 0, 1, -1, -1, -1, -1, -1, -1])]
     counts = [torch.tensor([500, 500]),
               torch.tensor([100, 120, 0, 100, 110, 5000, 1, 90, 4000, 3000])]  # fmt: skip
-    opts = Options(min_inputs=5, seed=0)
+    opts = Options(model_dir="m", out="o", min_inputs=5, seed=0)
     seen = set()
     for seed in range(20):
         opts.seed = seed
@@ -218,7 +218,8 @@ def test_control_stand_ins_are_live_and_unlinked():
               torch.tensor([100, 400, 100, 400, 100, 400, 110, 390, 2, 100, 420, 95])]  # fmt: skip
     group = Group(0, 0, [0, 1], 9)
     for seed in range(20):
-        (control,) = control_groups([group], parents, counts, Options(min_inputs=5, seed=seed))
+        opts = Options(model_dir="m", out="o", min_inputs=5, seed=seed)
+        (control,) = control_groups([group], parents, counts, opts)
         a, b = control.children
         assert {a, b}.isdisjoint({0, 1, 9, 8})  # not P's children, the unrelated or dead
         p = parents[0]
@@ -226,8 +227,9 @@ def test_control_stand_ins_are_live_and_unlinked():
         assert control.unrelated == 9 and control.parent == 0
     # nothing unlinked left: the control has no group
     few = [torch.tensor([0, 0, 1, 1])]
+    opts = Options(model_dir="m", out="o", min_inputs=5)
     assert control_groups([Group(0, 0, [0, 1], 2)], few, [torch.tensor([9, 9]),
-                          torch.tensor([50, 50, 50, 50])], Options(min_inputs=5)) == []  # fmt: skip
+                          torch.tensor([50, 50, 50, 50])], opts) == []  # fmt: skip
 
 
 # ---------------------------------------------------------------- the command
@@ -236,7 +238,7 @@ def test_control_stand_ins_are_live_and_unlinked():
 def test_cli_number_on_a_hand_built_forest(hand_model, tmp_path, capsys):
     out = tmp_path / "geo"
     argv = ["geometry", hand_model["model"], "--baseline", hand_model["mixed"], "--out", out,
-            "--parents", 10, "--per-feature", 50, "--pngs", 0, "--quiet"]  # fmt: skip
+            "--parents", 10, "--per_feature", 50, "--pngs", 0, "--quiet"]  # fmt: skip
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 0, err
     report = json.loads((out / "geometry.json").read_text())
@@ -261,8 +263,8 @@ def test_cli_pictures_in_a_real_process(hand_model, tmp_path, subprocess_env, py
     """The whole command with its UMAP picture. numba's JIT is switched off: compiling
     UMAP's kernels takes ~20 s, running them uncompiled on 100 points well under 1 s."""
     out = tmp_path / "geo"
-    argv = ["geometry", hand_model["model"], "--out", out, "--parents", 2, "--per-feature",
-            40, "--pngs", 1, "--umap-epochs", 20, "--quiet"]  # fmt: skip
+    argv = ["geometry", hand_model["model"], "--out", out, "--parents", 2, "--per_feature",
+            40, "--pngs", 1, "--umap_epochs", 20, "--quiet"]  # fmt: skip
     env = subprocess_env | {"NUMBA_DISABLE_JIT": "1"}
     proc = subprocess.run([python_exe, "-m", "hsae", *map(str, argv)], env=env,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -302,10 +304,10 @@ def test_picture_shows_each_child_and_the_unrelated_feature():
 @pytest.mark.parametrize(
     "extra, needles",
     [
-        (["--parents", "0"], ["--parents", "at least 1"]),
-        (["--per-feature", "1"], ["--per-feature"]),
-        (["--min-inputs", "60", "--per-feature", "50"], ["--min-inputs"]),
-        (["--umap-epochs", "0"], ["--umap-epochs"]),
+        (["--parents", "0"], ["--parents", ">= 1"]),
+        (["--per_feature", "1"], ["--per_feature"]),
+        (["--min_inputs", "60", "--per_feature", "50"], ["--min_inputs"]),
+        (["--umap_epochs", "0"], ["--umap_epochs"]),
     ],
 )
 def test_cli_bad_options(hand_model, tmp_path, capsys, extra, needles):

@@ -253,7 +253,7 @@ def forests(tmp_path):
 
 def judge(server: JudgeServer, model: tuple[str, str], out: Path, *extra: str) -> int:
     argv = ["judge", model[0], "--contexts", model[1], "--out", str(out),
-            "--base-url", server.base_url, "--backoff", "0.01", "--quiet", *extra]  # fmt: skip
+            "--base_url", server.base_url, "--backoff", "0.01", "--quiet", *extra]  # fmt: skip
     return cli.main(argv)
 
 
@@ -295,7 +295,7 @@ def test_lenient_reading_of_replies():
 
 def test_yes_rates_and_cache(server, forests, tmp_path, capsys):
     (hsae, base), out = forests, tmp_path / "report.json"
-    argv = ["--baseline", base[0], "--baseline-contexts", base[1], "--concurrency", "3"]
+    argv = ["--baseline", base[0], "--baseline_contexts", base[1], "--concurrency", "3"]
     server.delay = 0.03  # requests overlap, so the concurrency bound is really tested
     assert judge(server, hsae, out, *argv) == 0
     report = read(out)
@@ -335,7 +335,7 @@ def test_yes_rates_and_cache(server, forests, tmp_path, capsys):
 def test_sampled_pairs_and_progress(server, forests, tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["judge", forests[0][0], "--contexts", forests[0][1], "--out", str(out),
-            "--base-url", server.base_url, "--pairs", "5", "--seed", "3"]  # fmt: skip
+            "--base_url", server.base_url, "--pairs", "5", "--seed", "3"]  # fmt: skip
     assert cli.main(argv) == 0
     records = read(out)["models"]["hsae"]["links"]["records"]
     assert len({tuple(r["child"]) for r in records}) == 5
@@ -398,7 +398,7 @@ def test_some_unreadable_answers_are_recorded(server, tmp_path):
     assert bad[0]["child"] == [1, 0] and bad[0]["reply"] == "Hard to say."
     assert server.hits == 17  # the unreadable one was asked again once
     # With a stricter limit the same answers stop the run.
-    assert judge(server, model, out, "--max-unreadable", "0.05") == 2
+    assert judge(server, model, out, "--max_unreadable", "0.05") == 2
 
 
 @pytest.mark.parametrize(
@@ -426,7 +426,7 @@ def test_unreachable_endpoint(forests, tmp_path, capsys):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = ["judge", forests[0][0], "--contexts", forests[0][1], "--out", str(tmp_path / "r"),
-            "--base-url", f"http://127.0.0.1:{port}/v1", "--retries", "2", "--backoff", "0.01",
+            "--base_url", f"http://127.0.0.1:{port}/v1", "--retries", "2", "--backoff", "0.01",
             "--quiet"]  # fmt: skip
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -444,4 +444,4 @@ def test_bad_arguments(forests, tmp_path, capsys, monkeypatch):
     assert cli.main(common) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("hsae: error: ") for line in err)
-    assert "--baseline-contexts" in err[0] and "HSAE_JUDGE_MODEL" in err[2]
+    assert "--baseline_contexts" in err[0] and "HSAE_JUDGE_MODEL" in err[2]

@@ -120,7 +120,7 @@ def test_plots_ablation_command_writes_a_png(tmp_path, capsys):
     files = [write(tmp_path / f"{n}.json", r) for n, r in (("a", BASE), ("b", HSAE))]
     both = write(tmp_path / "both.json", {"hsae": HSAE, "baseline": BASE, "seconds": 3})
     out = tmp_path / "figs"
-    argv = ["plots", "ablation", *files, both, "--labels", "base,full,h2,b2", "--out", out]
+    argv = ["plots", "ablation", *files, both, "--names", "base,full,h2,b2", "--out", out]
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 0, err
     data = (out / "ablation.png").read_bytes()
@@ -150,12 +150,12 @@ def test_plots_bad_report_is_one_line(tmp_path, capsys, content, needles):
 
 def test_plots_labels_must_match(tmp_path, capsys):
     a = write(tmp_path / "a.json", HSAE)
-    rc, _, err = run_cli(["plots", "compare", a, a, "--labels", "x", "--out", tmp_path], capsys)
+    rc, _, err = run_cli(["plots", "compare", a, a, "--names", "x", "--out", tmp_path], capsys)
     assert rc == 2
-    assert_one_line_error(err, "--labels", "2 distinct")
+    assert_one_line_error(err, "--names", "2 distinct")
     rc, _, err = run_cli(["plots", "compare", a, a, "--out", tmp_path / "o"], capsys)
     assert rc == 2
-    assert_one_line_error(err, "--labels")
+    assert_one_line_error(err, "--names")
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,8 @@ def two_forests(tmp_path_factory) -> dict:
 def test_eval_baseline_plots_and_judge(two_forests, tmp_path, capsys):
     judge = write(tmp_path / "judge.json", JUDGE)
     out, report = tmp_path / "figs", tmp_path / "eval.json"
-    argv = ["eval", two_forests["hsae"], "--baseline", two_forests["baseline"], "--tokens",
-            2048, "--plots", out, "--judge", judge, "--json", report]  # fmt: skip
+    argv = ["eval", two_forests["hsae"], "--baseline", two_forests["baseline"], "--eval_tokens",
+            2048, "--plots", out, "--judge", judge, "--out", report]  # fmt: skip
     rc, stdout, err = run_cli(argv, capsys)
     assert rc == 0, err
     reports = json.loads(report.read_text())
@@ -223,7 +223,7 @@ def test_plots_curves_command(tmp_path, capsys):
     rc = main(["train", "--out", str(run), "--model.sizes", "8,16", "--model.target_l0", "3",
                "--train.steps", "20", "--train.batch_size", "128", "--train.log_every", "5",
                "--train.scale_tokens", "512", "--planted.d", "16", "--planted.n_trees", "2",
-               "--eval-tokens", "0", "--quiet"])  # fmt: skip
+               "--eval_tokens", "0", "--quiet"])  # fmt: skip
     assert rc == 0 and (run / LOG_FILE).is_file()
     capsys.readouterr()
     assert main(["plots", "curves", str(run), "--out", str(tmp_path / "figs")]) == 0

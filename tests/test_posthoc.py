@@ -50,7 +50,7 @@ def sae_dirs(tmp_path):
 def test_posthoc_finds_planted_parents_and_encodes_like_sae_lens(tmp_path, sae_dirs, capsys):
     dirs, saes = sae_dirs
     out = tmp_path / "forest"
-    args = ["posthoc", *map(str, dirs), "--out", str(out), "--unassigned-quantile", "0"]
+    args = ["posthoc", *map(str, dirs), "--out", str(out), "--unassigned_quantile", "0"]
     assert main(args) == 0
     parents = json.loads((out / "hierarchy.json").read_text())["parents"][1]
     assert parents == [j // 3 for j in range(24)]
@@ -66,7 +66,7 @@ def test_posthoc_finds_planted_parents_and_encodes_like_sae_lens(tmp_path, sae_d
     acts = tmp_path / "acts.npy"
     np.save(acts, np.random.default_rng(0).normal(size=(2048, D)).astype(np.float32))
     capsys.readouterr()
-    assert main(["eval", str(out), "--data", str(acts), "--tokens", "1024"]) == 0
+    assert main(["eval", str(out), "--data", str(acts), "--eval_tokens", "1024"]) == 0
     assert "Hamming" in capsys.readouterr().out
 
 

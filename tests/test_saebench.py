@@ -221,7 +221,7 @@ def our_spliced_ce(world, replace, batches) -> float:
 
 
 def test_hook_name_reads_what_hsae_cache_reads(world):
-    """`hsae cache --cache.layer k` and TransformerLens's hook_name(k) are the same vector."""
+    """`hsae cache --layer k` and TransformerLens's hook_name(k) are the same vector."""
     tokens = torch.tensor([world["tok"]("<bos> " + world["data"][0]["text"])["input_ids"]])
     tokens = tokens[:, :CONTEXT]
     _, cache = world["lens"].run_with_cache(tokens)

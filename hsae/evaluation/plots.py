@@ -11,11 +11,12 @@ only when a figure is drawn, with the Agg canvas (no display, no pyplot state).
 
 from __future__ import annotations
 
-import argparse
 import io as _bytes_io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
+from hsae.flags import Command, option
 from hsae.io import FormatError, atomic_write_bytes, load_json
 
 MEASURES = [
@@ -288,48 +289,67 @@ def write_curves(run_dir: str | Path, out: str | Path) -> list[Path]:
 
 
 def named_reports(paths: list[str], labels: str | None, per_level: bool) -> dict[str, dict]:
-    """All reports of all files, renamed by --labels (comma-separated) when given."""
+    """All reports of all files, renamed by --names (comma-separated) when given."""
     reports: dict[str, dict] = {}
     for path in paths:
         for name, report in load_reports(path, per_level).items():
             if name in reports and labels is None:
-                raise ValueError(f"two reports are named {name!r}; name them with --labels")
+                raise ValueError(f"two reports are named {name!r}; name them with --names")
             reports[f"{name}#{len(reports)}" if name in reports else name] = report
     if labels is not None:
         names = [s.strip() for s in labels.split(",")]
         if len(names) != len(reports) or len(set(names)) != len(names) or "" in names:
-            raise ValueError(f"--labels needs {len(reports)} distinct names, got {labels!r}")
+            raise ValueError(f"--names needs {len(reports)} distinct names, got {labels!r}")
         reports = dict(zip(names, reports.values()))
     return reports
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.kind == "curves":
-        print("wrote " + ", ".join(map(str, write_curves(args.run_dir, args.out))))
-        return
-    ablation = args.kind == "ablation"
-    reports = named_reports(args.reports, args.labels, per_level=ablation)
-    if ablation:
-        paths = write_ablation(reports, args.out)
-    else:
-        judge = judge_rates(args.judge, list(reports)) if args.judge else None
-        paths = write_comparison(reports, args.out, judge)
-    print("wrote " + ", ".join(map(str, paths)))
+@dataclass(kw_only=True)
+class AblationOptions:
+    reports: list[str] = option(help="eval reports (hsae eval --out)", positional=True)
+    names: str | None = option(None, "comma-separated names, one per report")
+    out: str = option(help="output directory for the PNGs", output="dir")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plots", help="PNG figures from saved eval reports (hsae eval --json)")
-    kinds = p.add_subparsers(dest="kind", required=True)
-    for kind, text in (("compare", "Figure 3: the forests' hierarchy measures side by side"),
-                       ("ablation", "runs side by side: hierarchy measures, FVE, L0")):  # fmt: skip
-        k = kinds.add_parser(kind, help=text)
-        k.add_argument("reports", nargs="+", help="eval reports (hsae eval --json)")
-        k.add_argument("--labels", help="comma-separated names, one per report")
-        k.add_argument("--out", required=True, help="output directory for the PNGs")
-        if kind == "compare":
-            k.add_argument("--judge", help="an hsae judge report: adds the yes-rate panel")
-        k.set_defaults(run=run, outputs={"out": "dir"})
-    k = kinds.add_parser("curves", help="a run's training curves (its train_log.jsonl)")
-    k.add_argument("run_dir", help="run directory (hsae train --out)")
-    k.add_argument("--out", required=True, help="output directory for curves.png")
-    k.set_defaults(run=run, outputs={"out": "dir"})
+@dataclass(kw_only=True)
+class CompareOptions(AblationOptions):
+    judge: str | None = option(None, "an hsae judge report: adds the yes-rate panel")
+
+
+@dataclass(kw_only=True)
+class CurvesOptions:
+    run_dir: str = option(help="run directory (hsae train --out)", positional=True)
+    out: str = option(help="output directory for curves.png", output="dir")
+
+
+def compare(opts: CompareOptions) -> None:
+    reports = named_reports(opts.reports, opts.names, per_level=False)
+    judge = judge_rates(opts.judge, list(reports)) if opts.judge else None
+    print("wrote " + ", ".join(map(str, write_comparison(reports, opts.out, judge))))
+
+
+def ablation(opts: AblationOptions) -> None:
+    reports = named_reports(opts.reports, opts.names, per_level=True)
+    print("wrote " + ", ".join(map(str, write_ablation(reports, opts.out))))
+
+
+def curves(opts: CurvesOptions) -> None:
+    print("wrote " + ", ".join(map(str, write_curves(opts.run_dir, opts.out))))
+
+
+COMMANDS = (
+    "plots",
+    "PNG figures from saved eval reports (hsae eval --out) or a run's training log",
+    [
+        Command(
+            "compare",
+            "Figure 3: the forests' hierarchy measures side by side",
+            CompareOptions,
+            compare,
+        ),  # fmt: skip
+        Command(
+            "ablation", "runs side by side: hierarchy measures, FVE, L0", AblationOptions, ablation
+        ),  # fmt: skip
+        Command("curves", "a run's training curves (its train_log.jsonl)", CurvesOptions, curves),
+    ],
+)

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 
 from hsae.data.extract import LoadedLM, check_layer, layer_activations, tokenize
 from hsae.explore.contexts import ContextStore, LevelContexts
+from hsae.flags import Command, option
 from hsae.method.model import HSAE
 from hsae.trained import TrainedHSAE
 
@@ -443,7 +444,7 @@ def plan(
     of the cache's own source start after the last one it used."""
     from hsae.data.cache import CachedActivations
 
-    missing = [f for f, v in (("--lm", lm), ("--layer", layer), ("--text", text)) if v is None]
+    missing = [f for f, v in (("--model", lm), ("--layer", layer), ("--text", text)) if v is None]
     cache = None
     if data.get("kind") == "cache":
         try:
@@ -469,22 +470,21 @@ def plan(
     )
 
 
-def run(args) -> None:
+SETTINGS = ("top_k", "n_sampled", "window", "bins", "batch_size", "max_texts", "seed")
+
+
+def run(args: ContextsOptions) -> None:
     from pathlib import Path
 
     from hsae import pipeline
     from hsae.data.extract import load_lm, skip_texts
     from hsae.data.text import text_source
 
-    settings = {
-        name: getattr(args, name)
-        for name in ("top_k", "n_sampled", "window", "bins", "batch_size", "max_texts", "seed")
-    }
-    check_settings(**settings)  # before anything is loaded
+    settings = {name: getattr(args, name) for name in SETTINGS}
     trained = TrainedHSAE.load(args.model_dir)
     model = trained.model
     out = Path(args.out)
-    p = plan(trained.data, args.lm, args.layer, args.text, args.context_len)
+    p = plan(trained.data, args.model, args.layer, args.text, args.context_len)
     texts = skip_texts(text_source(p.text), p.skip)
     first = next(texts, None)  # fail before loading the language model
     if first is None:
@@ -524,25 +524,33 @@ def _report(store: ContextStore, out) -> None:
     )
 
 
-def register(sub) -> None:
-    p = sub.add_parser("contexts", help="top-activating and sampled contexts of every feature")
-    p.add_argument("model_dir", help="trained directory (or a run directory with model/)")
-    p.add_argument("--out", required=True, help="directory for the context store")
-    p.add_argument(
-        "--text",
-        help="builtin, a .txt/.jsonl file or directory, or hf:NAME; "
-        "default: the training cache's source, after the texts it used",
+@dataclass(kw_only=True)
+class ContextsOptions:
+    model_dir: str = option(help="trained directory (or a run directory with model/)",
+                            positional=True)  # fmt: skip
+    out: str = option(help="directory for the context store", output="dir")
+    text: str | None = option(
+        None,
+        "builtin, a .txt/.jsonl file or directory, or hf:NAME "
+        "(default: the training cache's source, after the texts it used)",
     )
-    p.add_argument("--lm", help="language model (default: the training cache's)")
-    p.add_argument("--layer", type=int, help="hidden state index (default: the cache's)")
-    p.add_argument("--context-len", type=int, help="tokens per text (default: the cache's, or 256)")
-    p.add_argument("--max-texts", type=int, default=2000, help="texts to read (default: 2000)")
-    p.add_argument("--top-k", type=int, default=10, help="top contexts per feature (10)")
-    p.add_argument("--n-sampled", type=int, default=5, help="sampled contexts per feature (5)")
-    p.add_argument("--window", type=int, default=32, help="tokens per context (32)")
-    p.add_argument("--bins", type=int, default=32, help="histogram bins, even (32)")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampled contexts (0)")
-    p.add_argument("--dtype", default="float32", help="language model dtype (float32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=run, outputs={"out": "dir"})
+    model: str | None = option(None, "language model (default: the training cache's)")
+    layer: int | None = option(None, "hidden state index (default: the cache's)", low=0)
+    context_len: int | None = option(None, "tokens per text (default: the cache's, or 256)",
+                                     low=1)  # fmt: skip
+    max_texts: int = option(2000, "texts to read")
+    top_k: int = option(10, "top contexts per feature")
+    n_sampled: int = option(5, "sampled contexts per feature")
+    window: int = option(32, "tokens per context")
+    bins: int = option(32, "histogram bins, even")
+    batch_size: int = option(8, "texts per forward pass")
+    seed: int = option(0, "seed of the sampled contexts")
+    dtype: str = option("float32", "language model dtype")
+    quiet: bool = option(False, "no progress bar")
+
+    def validate(self) -> None:
+        check_settings(**{name: getattr(self, name) for name in SETTINGS})
+
+
+COMMANDS = [Command("contexts", "top-activating and sampled contexts of every feature",
+                    ContextsOptions, run)]  # fmt: skip

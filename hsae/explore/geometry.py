@@ -10,7 +10,7 @@ Definitions (the only place they are stated)
 - **Inputs of a feature** in a group: held-out activations x on which the feature fires
   (a > 0) and no other feature of the group does, centred by the mean held-out
   activation (a residual stream shares a large common offset that would put every cosine
-  near 1); at most M of them (``--per-feature``), drawn uniformly without replacement
+  near 1); at most M of them (``--per_feature``), drawn uniformly without replacement
   (the M smallest of seeded uniform priorities). Tokens that fire two features of the
   group are left out, so shared tokens (distance 0) do not count as closeness: the
   measure is about where the inputs lie, not about co-activation (which the paper's G.1
@@ -46,7 +46,6 @@ and its pictures are one section of the paper (4.6) and one command.
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 from collections.abc import Iterator
@@ -59,6 +58,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hsae import pipeline
+from hsae.flags import Command, option
 from hsae.io import atomic_write_json
 from hsae.method.hierarchy import children_lists
 from hsae.method.model import HSAE
@@ -87,16 +87,28 @@ class Group:
         return [*self.children, self.unrelated]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Options:
-    n_parents: int = 100
-    per_feature: int = 100
-    min_inputs: int = 5
-    n_tokens: int = 65536
-    seed: int = 0
-    progress: bool = True
-    n_pictures: int = 6
-    umap_epochs: int | None = None
+    """`hsae geometry`'s flags; `measure` reads the sampling settings."""
+
+    model_dir: str = option(help="trained HSAE directory (or a run directory with model/)",
+                            positional=True)  # fmt: skip
+    baseline: str | None = option(None, "a second forest (e.g. the post-hoc baseline) to compare")
+    out: str = option(help="output directory (geometry.json, PNGs)", output="dir")
+    parents: int = option(100, "parents to measure", low=1)
+    per_feature: int = option(100, "inputs per feature", low=2)
+    min_inputs: int = option(5, "fewest inputs a feature needs", low=2)
+    eval_tokens: int = option(65536, "held-out tokens to read", low=1)
+    pngs: int = option(6, "UMAP pictures per model", low=0)
+    umap_epochs: int | None = option(None, "UMAP epochs (default: UMAP's)", low=1)
+    seed: int = option(0, "sampling and UMAP seed")
+    data: str | None = option(None, "a .npy file or cache (default: the training data)")
+    eval_frac: float = option(0.05, "held-out share of a .npy file", low=0.0, high=0.5)
+    quiet: bool = option(False, "no progress bars")
+
+    def validate(self) -> None:
+        if self.min_inputs > self.per_feature:
+            raise ValueError("--min_inputs cannot exceed --per_feature")
 
 
 # ---------------------------------------------------------------- the number
@@ -195,8 +207,8 @@ def firing_counts(
     """First pass: tokens each feature fires on, per level, and the mean held-out input."""
     counts = [torch.zeros(n, dtype=torch.long) for n in model.sizes]
     total, n = torch.zeros(model.d_in, dtype=torch.float64), 0
-    batches = _batches(model, source, opts.n_tokens, opts.seed)
-    for x, acts in tqdm(batches, desc="geometry: counting", disable=not opts.progress):
+    batches = _batches(model, source, opts.eval_tokens, opts.seed)
+    for x, acts in tqdm(batches, desc="geometry: counting", disable=opts.quiet):
         for level, a in enumerate(acts):
             counts[level] += (a > 0).sum(0)
         total += x.double().sum(0)
@@ -283,8 +295,8 @@ def collect_inputs(
     gen = torch.Generator().manual_seed(opts.seed)
     pools = [[_Reservoir(opts.per_feature, model.d_in) for _ in g.members] for g in groups]
     index = [torch.tensor(g.members) for g in groups]
-    batches = _batches(model, source, opts.n_tokens, opts.seed)
-    for x, acts in tqdm(batches, desc="geometry: collecting", disable=not opts.progress):
+    batches = _batches(model, source, opts.eval_tokens, opts.seed)
+    for x, acts in tqdm(batches, desc="geometry: collecting", disable=opts.quiet):
         centred = x - mean
         for group, members, pool in zip(groups, index, pools):
             fired = acts[group.level + 1][:, members] > 0
@@ -322,11 +334,11 @@ def measure(
         )
     eligible = len(candidates)
     # Some groups lose children to shared tokens: collect for more than asked.
-    candidates = candidates[: math.ceil(1.5 * opts.n_parents)]
+    candidates = candidates[: math.ceil(1.5 * opts.parents)]
     control = control_groups(candidates, parents, counts, opts)
     collect_inputs(model, source, candidates + control, mean, opts)
     groups, control = (
-        [g for g in (usable(g, opts.min_inputs) for g in gs) if g is not None][: opts.n_parents]
+        [g for g in (usable(g, opts.min_inputs) for g in gs) if g is not None][: opts.parents]
         for gs in (candidates, control)
     )
     if not groups:
@@ -404,12 +416,12 @@ def picture(group: Group, title: str, seed: int, n_epochs: int | None = None):
 
 
 def write_pictures(groups: list[Group], name: str, out: Path, opts: Options) -> list[Path]:
-    """One PNG per group for the first ``opts.n_pictures`` groups: out/name/parent_L_P.png."""
+    """One PNG per group for the first ``opts.pngs`` groups: out/name/parent_L_P.png."""
     from hsae.evaluation.plots import save_png
 
     paths = []
-    todo = groups[: opts.n_pictures]
-    for group in tqdm(todo, desc=f"geometry: UMAP ({name})", disable=not opts.progress):
+    todo = groups[: opts.pngs]
+    for group in tqdm(todo, desc=f"geometry: UMAP ({name})", disable=opts.quiet):
         rec = record(group)
         title = (
             f"{name}: children of {group.level}:{group.parent} vs unrelated "
@@ -424,8 +436,8 @@ def write_pictures(groups: list[Group], name: str, out: Path, opts: Options) -> 
 # ---------------------------------------------------------------- command
 
 
-def run(args: argparse.Namespace) -> None:
-    opts = _options(args)
+def run(args: Options) -> None:
+    opts = args
     out = Path(args.out)
     trained = TrainedHSAE.load(args.model_dir)
     source = pipeline.measured_source(trained, args.data, args.eval_frac)
@@ -437,7 +449,7 @@ def run(args: argparse.Namespace) -> None:
                              f"{trained.d_in}; both must read the same activations")  # fmt: skip
         forests["baseline"] = (args.baseline, base.model, base.parents)
     report = {"definition": "ratio = D_unrel / D_sib (see hsae/explore/geometry.py)",
-              "tokens": opts.n_tokens, "per_feature": opts.per_feature,
+              "tokens": opts.eval_tokens, "per_feature": opts.per_feature,
               "min_inputs": opts.min_inputs, "seed": opts.seed}  # fmt: skip
     measured = {}
     for name, (directory, m, p) in forests.items():  # every number before any file
@@ -477,34 +489,12 @@ def format_summary(report: dict, names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _options(args: argparse.Namespace) -> Options:
-    for flag, value, least in (("--parents", args.parents, 1), ("--per-feature",
-                               args.per_feature, 2), ("--min-inputs", args.min_inputs, 2),
-                               ("--tokens", args.tokens, 1), ("--pngs", args.pngs, 0)):  # fmt: skip
-        if value < least:
-            raise ValueError(f"{flag} must be at least {least}, got {value}")
-    if args.min_inputs > args.per_feature:
-        raise ValueError("--min-inputs cannot exceed --per-feature")
-    if args.umap_epochs is not None and args.umap_epochs < 1:
-        raise ValueError(f"--umap-epochs must be at least 1, got {args.umap_epochs}")
-    return Options(args.parents, args.per_feature, args.min_inputs, args.tokens, args.seed,
-                   not args.quiet, args.pngs, args.umap_epochs)  # fmt: skip
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("geometry", help="do sibling features' inputs lie closer together? "
-                       "(paper 4.6, G.1): a number and UMAP pictures")  # fmt: skip
-    p.add_argument("model_dir", help="trained HSAE directory (or a run directory with model/)")
-    p.add_argument("--baseline", help="a second forest (e.g. the post-hoc baseline) to compare")
-    p.add_argument("--out", required=True, help="output directory (geometry.json, PNGs)")
-    p.add_argument("--parents", type=int, default=100, help="parents to measure (default 100)")
-    p.add_argument("--per-feature", type=int, default=100, help="inputs per feature (default 100)")
-    p.add_argument("--min-inputs", type=int, default=5, help="fewest inputs a feature needs")
-    p.add_argument("--tokens", type=int, default=65536, help="held-out tokens to read")
-    p.add_argument("--pngs", type=int, default=6, help="UMAP pictures per model (default 6)")
-    p.add_argument("--umap-epochs", type=int, default=None, help="UMAP epochs (default: UMAP's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=None, help="a .npy file or cache; default: training data")
-    p.add_argument("--eval-frac", type=float, default=0.05, help="held-out share of --data")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run, outputs={"out": "dir"})
+COMMANDS = [
+    Command(
+        "geometry",
+        "do sibling features' inputs lie closer together? "
+        "(paper 4.6, G.1): a number and UMAP pictures",
+        Options,
+        run,
+    )
+]

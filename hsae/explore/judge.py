@@ -10,14 +10,13 @@ HSAE minus baseline difference with Newcombe's interval.
 
 Unreadable replies: each is asked again once with a reminder of the format; one still
 unreadable is recorded as such and left out of the rates. If none can be read, or more
-than --max-unreadable of them, the run stops with a one-line error and writes no report.
+than --max_unreadable of them, the run stops with a one-line error and writes no report.
 An endpoint that cannot be reached, or keeps failing after the retries, stops it too.
 Every answer is cached, so a rerun sends only the requests that have no answer yet.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -28,6 +27,7 @@ from hsae.explore.judge_client import AnswerCache, ChatClient, JudgeSettings, ma
 from hsae.explore.judge_forest import Forest
 from hsae.explore.judge_prompts import LINK_PROMPT, ask, check_readable, messages, parse_verdict
 from hsae.explore.judge_stats import newcombe, wilson
+from hsae.flags import Command, option
 from hsae.io import atomic_write_json
 
 # ------------------------------------------------------------------ links
@@ -106,7 +106,7 @@ def difference(a: dict, b: dict) -> dict | None:
     return {"yes_rate": d, "ci95": [lo, hi], "method": "Newcombe hybrid score"}
 
 
-def judge_links(client: ChatClient, forest: Forest, args: argparse.Namespace) -> dict:
+def judge_links(client: ChatClient, forest: Forest, args: JudgeOptions) -> dict:
     pairs, eligible = sample_pairs(forest, args.pairs, random.Random(f"{args.seed}:pairs"))
     fn = partial(judge_pair, client, forest)
     records = map_bounded(
@@ -158,18 +158,7 @@ def summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if (args.baseline is None) != (args.baseline_contexts is None):
-        raise ValueError("--baseline and --baseline-contexts go together")
-    if args.pairs < 0 or args.roots < 1 or args.top < 1 or args.sampled < 0:
-        raise ValueError("--pairs and --sampled must be >= 0, --roots and --top >= 1")
-    if not 0 <= args.max_unreadable <= 1:
-        raise ValueError(f"--max-unreadable must be in [0, 1], got {args.max_unreadable}")
-    if not (args.pairs or args.branching):
-        raise ValueError("nothing to judge: --pairs 0 and no --branching")
-
-
-def open_client(args: argparse.Namespace) -> ChatClient:
+def open_client(args: JudgeOptions) -> ChatClient:
     settings = JudgeSettings.resolve(
         args.base_url,
         args.judge_model,
@@ -183,7 +172,7 @@ def open_client(args: argparse.Namespace) -> ChatClient:
     return ChatClient(settings, AnswerCache(cache))
 
 
-def judge_forests(client: ChatClient, forests: list[Forest], args: argparse.Namespace) -> dict:
+def judge_forests(client: ChatClient, forests: list[Forest], args: JudgeOptions) -> dict:
     """Links (and branching) of every model, then labels of the HSAE's judged features."""
     report: dict = {"judge": client.settings.describe(), "models": {}}
     report["settings"] = {k: getattr(args, k) for k in ("pairs", "seed", "top", "sampled", "roots")}
@@ -210,8 +199,7 @@ def judge_forests(client: ChatClient, forests: list[Forest], args: argparse.Name
     return report
 
 
-def run(args: argparse.Namespace) -> None:
-    check_args(args)
+def run(args: JudgeOptions) -> None:
     client = open_client(args)
     specs = [("hsae", args.model_dir, args.contexts)]
     if args.baseline:
@@ -230,62 +218,59 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}" + (f" and {args.labels}" if args.labels else ""))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
+@dataclass(kw_only=True)
+class JudgeOptions:
+    model_dir: str = option(help="trained HSAE directory (or a run directory with model/)",
+                            positional=True)  # fmt: skip
+    contexts: str = option(help="its context store directory")
+    baseline: str | None = option(None, "a second trained directory to compare (the baseline)")
+    baseline_contexts: str | None = option(None, "the baseline's context store directory")
+    pairs: int = option(100, "links judged per model", low=0)
+    seed: int = option(0, "sampling seed")
+    out: str = option(help="report JSON file", output="file")
+    labels: str | None = option(None, "also write a label and clarity score per judged "
+                                "feature to this JSON file", output="file")  # fmt: skip
+    branching: bool = option(False, "clarity of roots with several children vs one child "
+                             "(appendix G.2)")  # fmt: skip
+    roots: int = option(100, "roots scored per group with --branching", low=1)
+    top: int = option(10, "top documents shown per feature", low=1)
+    sampled: int = option(5, "sampled documents per feature", low=0)
+    base_url: str | None = option(
+        None,
+        "chat endpoint (default: $HSAE_JUDGE_BASE_URL, "
+        "$OPENAI_BASE_URL, else https://api.openai.com/v1)",
+    )
+    judge_model: str | None = option(None, "model name (default: $HSAE_JUDGE_MODEL)")
+    api_key: str | None = option(
+        None,
+        "default: $HSAE_JUDGE_API_KEY, else $OPENAI_API_KEY "
+        "(prefer the environment: a flag shows in the process list)",
+    )
+    temperature: float = option(0.0, "sampling temperature", low=0.0)
+    concurrency: int = option(4, "requests in flight", low=1)
+    timeout: float = option(60.0, "seconds per request", low=0.0)
+    retries: int = option(4, "retries per request", low=0)
+    backoff: float = option(1.0, "first retry pause in seconds, doubled each time", low=0.0)
+    cache: str | None = option(None, "answer cache directory (default: judge_cache beside --out)")
+    max_unreadable: float = option(0.2, "largest share of unreadable replies before the run "
+                                   "fails", low=0.0, high=1.0)  # fmt: skip
+    quiet: bool = option(False, "no progress bars")
+
+    def validate(self) -> None:
+        if (self.baseline is None) != (self.baseline_contexts is None):
+            raise ValueError("--baseline and --baseline_contexts go together")
+        if not (self.pairs or self.branching):
+            raise ValueError("nothing to judge: --pairs 0 and no --branching")
+
+
+COMMANDS = [
+    Command(
         "judge",
-        help="an LLM judges parent-child links (and root clarity) through a chat endpoint",
+        "an LLM judges parent-child links (and root clarity) through a chat endpoint",
+        JudgeOptions,
+        run,
         description="Ask an OpenAI-compatible chat-completions endpoint whether sampled "
         "parent-child links are real (paper section 4.3) and, with --branching, how clear "
         "roots with several children are against roots with one (appendix G.2).",
     )
-    p.add_argument("model_dir", help="trained HSAE directory (or a run directory with model/)")
-    p.add_argument("--contexts", required=True, help="its context store directory")
-    p.add_argument("--baseline", help="a second trained directory to compare (the baseline)")
-    p.add_argument("--baseline-contexts", help="the baseline's context store directory")
-    p.add_argument("--pairs", type=int, default=100, help="links judged per model (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--out", required=True, help="report JSON file")
-    p.add_argument("--labels", help="also write a label and clarity score per judged feature")
-    p.add_argument(
-        "--branching",
-        action="store_true",
-        help="clarity of roots with several children vs one child (appendix G.2)",
-    )
-    p.add_argument(
-        "--roots",
-        type=int,
-        default=100,
-        help="roots scored per group with --branching (default 100)",
-    )
-    p.add_argument("--top", type=int, default=10, help="top documents shown per feature")
-    p.add_argument("--sampled", type=int, default=5, help="sampled documents per feature")
-    g = p.add_argument_group("judge endpoint")
-    g.add_argument(
-        "--base-url",
-        help="default: $HSAE_JUDGE_BASE_URL, $OPENAI_BASE_URL, else https://api.openai.com/v1",
-    )
-    g.add_argument("--judge-model", help="model name (default: $HSAE_JUDGE_MODEL)")
-    g.add_argument(
-        "--api-key",
-        help="default: $HSAE_JUDGE_API_KEY, else $OPENAI_API_KEY "
-        "(prefer the environment: a flag shows in the process list)",
-    )
-    g.add_argument("--temperature", type=float, default=0.0, help="(default 0)")
-    g.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
-    g.add_argument("--retries", type=int, default=4, help="retries per request (default 4)")
-    g.add_argument(
-        "--backoff",
-        type=float,
-        default=1.0,
-        help="first retry pause in seconds, doubled each time (default 1)",
-    )
-    g.add_argument("--cache", help="answer cache directory (default: judge_cache beside --out)")
-    g.add_argument(
-        "--max-unreadable",
-        type=float,
-        default=0.2,
-        help="largest share of unreadable replies before the run fails (default 0.2)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run, outputs={"out": "file", "labels": "file"})
+]

@@ -86,7 +86,7 @@ class JudgeSettings:
         base_url = base_url or _first_env(ENV_BASE_URL) or DEFAULT_BASE_URL
         model = model or _first_env(ENV_MODEL)
         if not model:
-            raise ValueError(f"no judge model: pass --judge-model or set {ENV_MODEL[0]}")
+            raise ValueError(f"no judge model: pass --judge_model or set {ENV_MODEL[0]}")
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"judge base URL must be http(s)://host[:port]/..., got {base_url!r}")

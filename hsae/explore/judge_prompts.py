@@ -273,5 +273,5 @@ def check_readable(
     if bad and (len(bad) == len(records) or len(bad) > max_share * len(records)):
         raise ValueError(
             f"{len(bad)} of {len(records)} judge replies about {what} could not be read "
-            f"(limit: --max-unreadable {max_share:g}); the first: {bad[0]['reply'][:120]!r}"
+            f"(limit: --max_unreadable {max_share:g}); the first: {bad[0]['reply'][:120]!r}"
         )

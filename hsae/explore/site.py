@@ -24,11 +24,11 @@ share of tokens its whole subtree covers.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import json
 import math
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hsae.explore.contexts import ContextStore, LevelContexts, check_store_matches
+from hsae.flags import Command, option
 from hsae.io import FormatError, load_json, replaced_directory, to_json_text
 from hsae.trained import TrainedHSAE
 
@@ -293,18 +294,7 @@ def make_server(site: str | Path, port: int) -> http.server.ThreadingHTTPServer:
         raise ValueError(f"cannot serve on 127.0.0.1:{port}: {err.strerror or err}") from None
 
 
-def port_number(text: str) -> int:
-    """A TCP port, checked when the flag is read (not after the site is built)."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port lies in 0..65535, got {port}")
-    return port
-
-
-def cmd_explore(args: argparse.Namespace) -> None:
+def cmd_explore(args: ExploreOptions) -> None:
     site = build_site(args.model_dir, args.contexts, args.out, args.labels, not args.quiet)
     print(f"wrote {site}; open {(site / 'index.html').as_uri()}")
     if not args.serve:
@@ -319,14 +309,17 @@ def cmd_explore(args: argparse.Namespace) -> None:
         server.server_close()
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("explore", help="write a static site to read the feature forest")
-    parser.add_argument("model_dir", help="trained directory (or a run directory with model/)")
-    parser.add_argument("--contexts", required=True, help="context store directory")
-    parser.add_argument("--labels", help="the judge's labels JSON (optional)")
-    parser.add_argument("--out", required=True, help="site directory (replaced atomically)")
-    parser.add_argument("--serve", action="store_true", help="also serve it on 127.0.0.1")
-    parser.add_argument("--port", type=port_number, default=8000,
-                        help="port for --serve (0: any free)")  # fmt: skip
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.set_defaults(run=cmd_explore, outputs={"out": "dir"})
+@dataclass(kw_only=True)
+class ExploreOptions:
+    model_dir: str = option(help="trained directory (or a run directory with model/)",
+                            positional=True)  # fmt: skip
+    contexts: str = option(help="context store directory (hsae contexts)")
+    labels: str | None = option(None, "the judge's labels JSON (hsae judge --labels)")
+    out: str = option(help="site directory (replaced atomically)", output="dir")
+    serve: bool = option(False, "also serve it on 127.0.0.1")
+    port: int = option(8000, "port for --serve (0: any free)", low=0, high=65535)
+    quiet: bool = option(False, "no progress bar")
+
+
+COMMANDS = [Command("explore", "write a static site to read the feature forest",
+                    ExploreOptions, cmd_explore)]  # fmt: skip

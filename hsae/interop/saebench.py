@@ -19,16 +19,17 @@ SAEBench evaluates SAE Lens SAEs against a TransformerLens model. What this modu
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.metadata
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from hsae import io, trained_dir
 from hsae.config import ConfigError
+from hsae.flags import Command, option
 from hsae.trained import data_of, read_header, trained_directory
 
 RANDOM_SEED = 42  # SAEBench's seed for every eval and for the core eval's dataset shuffle
@@ -327,7 +328,7 @@ def core_dataset(spec: str) -> Any:
     return datasets.Dataset.from_dict({"text": texts})
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: SaebenchOptions) -> None:
     evals = [e for e in args.evals.replace(" ", "").split(",") if e]
     unknown = sorted(set(evals) - set(EVALS))
     if not evals or unknown:
@@ -348,7 +349,7 @@ def run(args: argparse.Namespace) -> None:
     if "core" in evals:
         _run_core(args, saes, model_name, device, out / "core")
     for kind in (e for e in evals if e != "core"):
-        other_eval(kind, saes, model_name, out, device, args.llm_dtype, args.llm_batch_size,
+        other_eval(kind, saes, model_name, out, device, args.dtype, args.batch_size,
                    api_key)  # fmt: skip
     rows = summary(out, [name for name, _ in saes])
     io.atomic_write_json(out / "summary.json", rows)
@@ -365,13 +366,13 @@ def _levels(text: str | None) -> list[int] | None:
         raise ConfigError(f"--levels: expected comma-separated integers, got {text!r}") from None
 
 
-def _run_core(args: argparse.Namespace, saes: list, model_name: str, device: str, out: Path):
-    model = load_lens_model(model_name, device, args.llm_dtype)
+def _run_core(args: SaebenchOptions, saes: list, model_name: str, device: str, out: Path):
+    model = load_lens_model(model_name, device, args.dtype)
     results = core_eval(
         saes, model, core_dataset(args.dataset), out, dataset_name=args.dataset,
         context_size=args.context_size, batch_prompts=args.batch_prompts,
         recon_batches=args.recon_batches, sparsity_batches=args.sparsity_batches,
-        llm_dtype=args.llm_dtype, device=device, progress=not args.quiet,
+        llm_dtype=args.dtype, device=device, progress=not args.quiet,
         trust_remote_code=args.trust_remote_code,
     )  # fmt: skip
     manifest = training_cache(trained_directory(args.model_dir))
@@ -379,22 +380,31 @@ def _run_core(args: argparse.Namespace, saes: list, model_name: str, device: str
         print(norm_check(results, manifest))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("saebench", help="SAEBench's evaluations on each level (paper Table 1)")
-    p.add_argument("model_dir", help="trained HSAE directory (or a run directory with model/)")
-    p.add_argument("--out", default="saebench_out", help="results directory")
-    p.add_argument("--evals", default="core", help=f"comma-separated, of: {', '.join(EVALS)}")
-    p.add_argument("--model", help="TransformerLens model name (default: the training cache's)")
-    p.add_argument("--hook", help="TransformerLens hook (default: from the training cache)")
-    p.add_argument("--levels", help="comma-separated level indices (default: all)")
-    p.add_argument("--device", default="auto", help="cuda, cpu, ... (default: cuda if present)")
-    p.add_argument("--llm-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--llm-batch-size", type=int, default=32, help="non-core evals' LLM batch")
-    p.add_argument("--dataset", default=CORE_DEFAULTS["dataset"], help="core eval's text")
-    for flag in ("context_size", "batch_prompts", "recon_batches", "sparsity_batches"):
-        p.add_argument(f"--{flag.replace('_', '-')}", type=int, default=CORE_DEFAULTS[flag],
-                       help=f"core eval (SAEBench default {CORE_DEFAULTS[flag]})")  # fmt: skip
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="let a Hugging Face dataset run its own loading script (off)")  # fmt: skip
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run, outputs={"out": "dir"})
+@dataclass(kw_only=True)
+class SaebenchOptions:
+    model_dir: str = option(help="trained HSAE directory (or a run directory with model/)",
+                            positional=True)  # fmt: skip
+    out: str = option("saebench_out", "results directory", output="dir")
+    evals: str = option("core", f"comma-separated, of: {', '.join(EVALS)}")
+    model: str | None = option(None, "TransformerLens model name (default: the training cache's)")
+    hook: str | None = option(None, "TransformerLens hook (default: from the training cache)")
+    levels: str | None = option(None, "comma-separated level indices (default: all)")
+    device: str = option("auto", "cuda, cpu, ... (auto: cuda if present)")
+    dtype: Literal["float32", "bfloat16", "float16"] = option("float32", "language model dtype")
+    batch_size: int = option(32, "language model batch of the non-core evals", low=1)
+    dataset: str = option(CORE_DEFAULTS["dataset"], "core eval's text")
+    context_size: int = option(CORE_DEFAULTS["context_size"], "core eval, tokens per prompt",
+                               low=1)  # fmt: skip
+    batch_prompts: int = option(CORE_DEFAULTS["batch_prompts"], "core eval, prompts per batch",
+                                low=1)  # fmt: skip
+    recon_batches: int = option(CORE_DEFAULTS["recon_batches"], "core eval, batches for the "
+                                "reconstruction metrics", low=1)  # fmt: skip
+    sparsity_batches: int = option(CORE_DEFAULTS["sparsity_batches"], "core eval, batches for "
+                                   "the sparsity metrics", low=1)  # fmt: skip
+    trust_remote_code: bool = option(False, "let a Hugging Face dataset run its own loading "
+                                     "script")  # fmt: skip
+    quiet: bool = option(False, "no progress bars")
+
+
+COMMANDS = [Command("saebench", "SAEBench's evaluations on each level (paper Table 1)",
+                    SaebenchOptions, run)]  # fmt: skip
