@@ -20,7 +20,16 @@ from hsae import io, pipeline
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
 from hsae.evaluation.report_table import format_report
-from hsae.flags import Command, HelpFormatter, Parser, add_command, option, options_from, outputs
+from hsae.flags import (
+    Command,
+    HelpFormatter,
+    Parser,
+    add_command,
+    model_dir_option,
+    option,
+    options_from,
+    outputs,
+)
 from hsae.interop.posthoc import build_posthoc
 from hsae.io import FormatError, atomic_write_json, load_json
 from hsae.method import distributed
@@ -29,7 +38,6 @@ from hsae.trained import MODEL_DIR, TrainedHSAE
 # Shared option texts: one wording for one meaning across commands.
 DATA = "'planted', a .npy file (N, d) or a cache directory (hsae cache)"
 EVAL_FRAC = "held-out share of a .npy file"
-MODEL_DIR_HELP = "trained directory (or a run directory with model/)"
 BASELINE = "a second forest (e.g. the post-hoc baseline) to compare"
 
 
@@ -86,7 +94,7 @@ def cmd_train(opts: TrainOptions) -> None:
 
 @dataclass(kw_only=True)
 class EvalOptions:
-    model_dir: str = option(help=MODEL_DIR_HELP, positional=True)
+    model_dir: str = model_dir_option()
     data: str | None = option(None, "'planted' or a .npy file (default: the training data)")
     eval_frac: float = option(0.05, EVAL_FRAC, low=0.0, high=0.5)
     eval_tokens: int = option(65536, "held-out tokens to evaluate", low=1)

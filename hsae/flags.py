@@ -47,6 +47,11 @@ def option(
     return dataclasses.field(default=default, metadata=meta)
 
 
+def model_dir_option() -> Any:
+    """The positional trained directory that most commands read: one wording everywhere."""
+    return option(help="trained directory (or a run directory with model/)", positional=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Command:
     """One `hsae NAME` (or `hsae GROUP NAME`): its options dataclass and what runs it.

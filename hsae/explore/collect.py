@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from hsae.data.extract import LoadedLM, check_layer, layer_activations, tokenize
 from hsae.explore.contexts import ContextStore, LevelContexts
-from hsae.flags import Command, option
+from hsae.flags import Command, model_dir_option, option
 from hsae.method.model import HSAE
 from hsae.trained import TrainedHSAE
 
@@ -526,8 +526,7 @@ def _report(store: ContextStore, out) -> None:
 
 @dataclass(kw_only=True)
 class ContextsOptions:
-    model_dir: str = option(help="trained directory (or a run directory with model/)",
-                            positional=True)  # fmt: skip
+    model_dir: str = model_dir_option()
     out: str = option(help="directory for the context store", output="dir")
     text: str | None = option(
         None,

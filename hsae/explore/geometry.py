@@ -58,7 +58,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from hsae import pipeline
-from hsae.flags import Command, option
+from hsae.flags import Command, model_dir_option, option
 from hsae.io import atomic_write_json
 from hsae.method.hierarchy import children_lists
 from hsae.method.model import HSAE
@@ -91,8 +91,7 @@ class Group:
 class Options:
     """`hsae geometry`'s flags; `measure` reads the sampling settings."""
 
-    model_dir: str = option(help="trained HSAE directory (or a run directory with model/)",
-                            positional=True)  # fmt: skip
+    model_dir: str = model_dir_option()
     baseline: str | None = option(None, "a second forest (e.g. the post-hoc baseline) to compare")
     out: str = option(help="output directory (geometry.json, PNGs)", output="dir")
     parents: int = option(100, "parents to measure", low=1)

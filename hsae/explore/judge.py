@@ -27,7 +27,7 @@ from hsae.explore.judge_client import AnswerCache, ChatClient, JudgeSettings, ma
 from hsae.explore.judge_forest import Forest
 from hsae.explore.judge_prompts import LINK_PROMPT, ask, check_readable, messages, parse_verdict
 from hsae.explore.judge_stats import newcombe, wilson
-from hsae.flags import Command, option
+from hsae.flags import Command, model_dir_option, option
 from hsae.io import atomic_write_json
 
 # ------------------------------------------------------------------ links
@@ -220,8 +220,7 @@ def run(args: JudgeOptions) -> None:
 
 @dataclass(kw_only=True)
 class JudgeOptions:
-    model_dir: str = option(help="trained HSAE directory (or a run directory with model/)",
-                            positional=True)  # fmt: skip
+    model_dir: str = model_dir_option()
     contexts: str = option(help="its context store directory")
     baseline: str | None = option(None, "a second trained directory to compare (the baseline)")
     baseline_contexts: str | None = option(None, "the baseline's context store directory")

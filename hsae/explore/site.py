@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hsae.explore.contexts import ContextStore, LevelContexts, check_store_matches
-from hsae.flags import Command, option
+from hsae.flags import Command, model_dir_option, option
 from hsae.io import FormatError, load_json, replaced_directory, to_json_text
 from hsae.trained import TrainedHSAE
 
@@ -311,8 +311,7 @@ def cmd_explore(args: ExploreOptions) -> None:
 
 @dataclass(kw_only=True)
 class ExploreOptions:
-    model_dir: str = option(help="trained directory (or a run directory with model/)",
-                            positional=True)  # fmt: skip
+    model_dir: str = model_dir_option()
     contexts: str = option(help="context store directory (hsae contexts)")
     labels: str | None = option(None, "the judge's labels JSON (hsae judge --labels)")
     out: str = option(help="site directory (replaced atomically)", output="dir")

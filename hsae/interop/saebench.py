@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from hsae import io, trained_dir
 from hsae.config import ConfigError
-from hsae.flags import Command, option
+from hsae.flags import Command, model_dir_option, option
 from hsae.trained import data_of, read_header, trained_directory
 
 RANDOM_SEED = 42  # SAEBench's seed for every eval and for the core eval's dataset shuffle
@@ -382,8 +382,7 @@ def _run_core(args: SaebenchOptions, saes: list, model_name: str, device: str, o
 
 @dataclass(kw_only=True)
 class SaebenchOptions:
-    model_dir: str = option(help="trained HSAE directory (or a run directory with model/)",
-                            positional=True)  # fmt: skip
+    model_dir: str = model_dir_option()
     out: str = option("saebench_out", "results directory", output="dir")
     evals: str = option("core", f"comma-separated, of: {', '.join(EVALS)}")
     model: str | None = option(None, "TransformerLens model name (default: the training cache's)")
