@@ -61,6 +61,10 @@ SIZES = {
     # grandchildren), the rest independent; firing probabilities compensated for the
     # hierarchy, so each feature keeps its Zipf rate; true L0 about 12.
     "cpu": Size(1024, 256, 48, (2, 4), 2, 0.0, (256, 512, 1024, 2048), 12, 1000),
+    # The same with SynthSAEBench's mutually exclusive children: given its parent, one
+    # child fires at a time (in "cpu" each child fires with ~0.85 of its parent's firings,
+    # so children are almost never seen apart); true L0 8.4 here, against 12.
+    "cpu-me": Size(1024, 256, 48, (2, 4), 2, 1.0, (256, 512, 1024, 2048), 8, 1000),
     # SAE Lens's SynthSAEBench-16k: 16,384 features, d = 768, 128 roots, branching 4,
     # depth 3, mutually exclusive children.
     "synthsaebench16k": Size(16384, 768, 128, 4, 3, 1.0, (2048, 4096, 8192, 16384), 25, 20000),

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
-Similarity = Literal["encoder", "decoder", "coactivation"]
+Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Links = Literal["joint", "posthoc"]
 DeadLatents = Literal["ghost_grads", "none"]
@@ -49,7 +49,9 @@ class HSAEConfig:
     entries live and the step slower: 0.5 trained as well as 1.0 (FVE 0.941 against 0.942)
     in 0.78x its time (docs/training.md)."""
     similarity: Similarity = "encoder"
-    """Parent choice: cosine of encoder columns, of decoder rows, or EMA co-activation."""
+    """Parent choice: cosine of encoder columns, of decoder rows, EMA co-activation, or
+    conditional: P(parent fires | child fires) since the last update, copies and dead
+    parents excluded (hsae/method/hierarchy.py)."""
     tree: TreeVariant = "partial"
     """partial (paper), full (quantile 0), binary (<= 2 children), fixed (frozen at 1st update)."""
     unassigned_quantile: float = 0.2
@@ -58,6 +60,9 @@ class HSAEConfig:
     """Steps between hierarchy updates; the first happens at step `update_every`."""
     links: Links = "joint"
     """joint: HSAE. posthoc: no links while training, one hierarchy update at the end."""
+    link_threshold: float = 0.8
+    """Conditional rule: a child whose best P(parent fires | child fires) is below this
+    gets no parent (in place of unassigned_quantile)."""
     coact_momentum: float = 0.999
     """EMA momentum of the co-activation statistics (similarity = coactivation)."""
 
@@ -69,7 +74,7 @@ class HSAEConfig:
             raise ConfigError(f"sizes must be strictly increasing, got {list(self.sizes)}")
         if self.target_l0 <= 0 or self.target_l0 >= min(self.sizes):
             raise ConfigError(f"target_l0 must lie in (0, {min(self.sizes)}), got {self.target_l0}")
-        for name in ("perturb_rate", "unassigned_quantile", "coact_momentum"):
+        for name in ("perturb_rate", "unassigned_quantile", "coact_momentum", "link_threshold"):
             _check_unit(name, getattr(self, name))
         if self.rho < 0:
             raise ConfigError(f"rho must be >= 0, got {self.rho}")

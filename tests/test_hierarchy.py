@@ -13,7 +13,9 @@ from hsae.method.hierarchy import (
     Hierarchy,
     assign_parents,
     children_lists,
+    conditional_similarity,
     has_children,
+    pair_counts,
     similarity,
 )
 from hsae.method.model import HSAE
@@ -262,3 +264,84 @@ def test_state_round_trip() -> None:
     other.observe(acts)
     for a, b in zip(hier.coact, other.coact, strict=True):
         assert torch.allclose(a, b)
+
+
+# ----- the conditional rule ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pair_counts_equal_the_dense_product(seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    child = torch.rand(50, 13, generator=gen) < 0.2
+    parent = torch.rand(50, 7, generator=gen) < 0.3
+    child[3] = False  # a token where no child fires
+    expected = child.double().T @ parent.double()
+    assert torch.equal(pair_counts(child, parent).double(), expected)
+
+
+def _conditional_case() -> tuple[HSAE, list[torch.Tensor]]:
+    """3 parents, 4 children over 10 tokens, worked out by hand:
+    - child 0 fires on t0-t3, parent 1 on t0-t5: P(p1 | c0) = 1 (its parent);
+    - child 1 fires on t6-t9, parent 0 on t6, t7 only: P(p0 | c1) = 0.5 < 0.8 (none);
+    - child 2 is parent 2 learned again: same decoder row, same tokens t8, t9 (a copy,
+      excluded); no other parent fires with it, so it gets -1;
+    - child 3 fires on t4, t5, inside parent 1's tokens: its parent is 1."""
+    model = HSAE(4, (3, 4), bandwidth=0.5, seed=0)
+    with torch.no_grad():
+        model.W_dec[0].copy_(torch.eye(4)[:3])
+        model.W_dec[1].copy_(torch.tensor([[0, 0, 0, 1.0], [0, 0, 0, 1.0], [0, 0, 1.0, 0],
+                                           [0, 0, 0, 1.0]]))  # fmt: skip
+    a0 = torch.zeros(10, 3)
+    a0[0:6, 1] = 1.0
+    a0[6:8, 0] = 1.0
+    a0[8:10, 2] = 1.0
+    a1 = torch.zeros(10, 4)
+    a1[0:4, 0] = 1.0
+    a1[6:10, 1] = 1.0
+    a1[8:10, 2] = 1.0
+    a1[4:6, 3] = 1.0
+    return model, [a0, a1]
+
+
+def test_conditional_rule_links_true_parents_and_refuses_copies() -> None:
+    model, acts = _conditional_case()
+    cfg = HSAEConfig(sizes=(3, 4), target_l0=1.0, similarity="conditional", link_threshold=0.8)
+    hier = Hierarchy(cfg)
+    hier.observe(acts[:1] + acts[1:])  # one batch of 10 tokens
+    assert hier.fires is not None and hier.fires[1].tolist() == [4, 4, 2, 2]
+    hier.update(model)
+    assert hier.parents[0].tolist() == [1, -1, -1, 1]
+    # the counts restart after an update: a second update without new tokens links nobody
+    hier.update(model)
+    assert hier.parents[0].tolist() == [-1, -1, -1, -1]
+
+
+def test_conditional_rule_without_the_copy_check_would_link_the_copy() -> None:
+    """The control: child 2's best parent by P(p|c) alone is its copy (1.0)."""
+    model, acts = _conditional_case()
+    both = pair_counts(acts[1] > 0, acts[0] > 0).float()
+    n_c, n_p = (acts[1] > 0).sum(0).float(), (acts[0] > 0).sum(0).float()
+    raw = both / n_c[:, None]
+    assert raw[2].argmax() == 2 and raw[2, 2] == 1.0
+    S = conditional_similarity(model, 0, both, n_c, n_p)
+    assert S[2, 2] == -1.0 and S[0, 1] == 1.0 and S[1, 0] == 0.5
+
+
+def test_conditional_rule_excludes_dead_parents() -> None:
+    model, acts = _conditional_case()
+    acts[0][:, 0] = 0.0  # parent 0 never fires
+    both = pair_counts(acts[1] > 0, acts[0] > 0).float()
+    n_c, n_p = (acts[1] > 0).sum(0).float(), (acts[0] > 0).sum(0).float()
+    assert (conditional_similarity(model, 0, both, n_c, n_p)[:, 0] == -1.0).all()
+
+
+def test_conditional_state_round_trip() -> None:
+    model, acts = _conditional_case()
+    cfg = HSAEConfig(sizes=(3, 4), target_l0=1.0, similarity="conditional")
+    hier = Hierarchy(cfg)
+    hier.observe(acts)
+    other = Hierarchy(cfg)
+    other.load_state_tensors(load(save(hier.state_tensors())), frozen=False)
+    hier.update(model)
+    other.update(model)
+    assert torch.equal(hier.parents[0], other.parents[0])

@@ -70,10 +70,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
+from hsae.method.copies import COPY_COSINE, COPY_JACCARD, is_copy
 from hsae.method.model import unit_rows
 
-COPY_COSINE = 0.9
-COPY_JACCARD = 0.8
 F1_MATCH = 0.8
 
 __all__ = [
@@ -321,12 +320,9 @@ class PairStats:
             return None
         if self.n_tokens == 0:
             return torch.zeros(self.n_edges, dtype=torch.bool)
-        both = self._both.cpu().double()
-        either = (
-            self._child_count[self._edge_child] + self._parent_count[self._edge_parent]
-        ).cpu().double() - both
-        jaccard = torch.where(either > 0, both / either.clamp(min=1), torch.zeros_like(both))
-        return (self._edge_cosine >= COPY_COSINE) & (jaccard >= COPY_JACCARD)
+        n_child = self._child_count[self._edge_child].cpu().double()
+        n_parent = self._parent_count[self._edge_parent].cpu().double()
+        return is_copy(self._edge_cosine, self._both.cpu().double(), n_child, n_parent)
 
     def parents_without_copies(self) -> Tensor:
         """The parent array with every copy edge unassigned (-1)."""

@@ -8,6 +8,11 @@ Update rule: S[j, i] = similarity of child j and candidate parent i;
 parent(j) = argmax_i S[j, i]; the children whose best similarity lies in the bottom
 `unassigned_quantile` get -1 (partial tree). Variants (appendix F.3): full (quantile 0),
 binary (at most two children per parent), fixed (frozen after the first update).
+
+Conditional rule (beyond the paper): S[j, i] = P(i fires | j fires), counted over the
+tokens since the last update. A parent fires wherever its child does, so the true parent
+scores 1 whatever the two directions; copies (hsae.method.copies) and parents that never
+fired are no candidates, and a child whose best S is below `link_threshold` gets -1.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 
 from hsae.config import HSAEConfig
 from hsae.method import distributed
+from hsae.method.copies import is_copy
 from hsae.method.losses import has_children
 from hsae.method.model import HSAE
 
@@ -55,6 +61,37 @@ def similarity(model: HSAE, level: int, kind: str, coact: Tensor | None = None) 
             raise ValueError("coactivation similarity needs co-activation statistics")
         return coact
     raise ValueError(f"unknown similarity {kind!r}")
+
+
+def pair_counts(child_fired: Tensor, parent_fired: Tensor) -> Tensor:
+    """[n_c, n_p] number of tokens on which child j and parent i both fire.
+
+    From the active entries only (a few per token), never a dense [n_c, n_p] product over
+    the batch: each token adds one count per (active child, active parent) pair."""
+    n_c, n_p = child_fired.shape[1], parent_fired.shape[1]
+    c_idx, c_ok = _active_indices(child_fired)
+    p_idx, p_ok = _active_indices(parent_fired)
+    flat = (c_idx[:, :, None] * n_p + p_idx[:, None, :])[c_ok[:, :, None] & p_ok[:, None, :]]
+    return torch.bincount(flat, minlength=n_c * n_p).view(n_c, n_p)
+
+
+def _active_indices(fired: Tensor) -> tuple[Tensor, Tensor]:
+    """[batch, k] indices of the active entries per row (k = the most in any row), and
+    which of them are real (rows with fewer are padded)."""
+    k = max(int(fired.sum(1).max()), 1) if fired.numel() else 1
+    vals, idx = fired.to(torch.int8).topk(k, dim=1, sorted=False)
+    return idx, vals > 0
+
+
+@torch.no_grad()
+def conditional_similarity(
+    model: HSAE, level: int, both: Tensor, n_child: Tensor, n_parent: Tensor
+) -> Tensor:
+    """S[j, i] = P(parent i fires | child j fires); copies and dead parents get -1."""
+    S = both / n_child.clamp(min=1)[:, None]
+    cosine = _cosine(model.W_dec[level + 1], model.W_dec[level])
+    excluded = is_copy(cosine, both, n_child[:, None], n_parent[None, :]) | (n_parent == 0)
+    return S.masked_fill(excluded, -1.0)
 
 
 def assign_parents(S: Tensor, tree: str, unassigned_quantile: float) -> Tensor:
@@ -103,13 +140,31 @@ class Hierarchy:
             self.coact = [
                 torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])
             ]
+        # conditional rule: counts since the last update (both-fire per pair, fires per level)
+        self.both: list[Tensor] | None = None
+        self.fires: list[Tensor] | None = None
+        if cfg.similarity == "conditional":
+            self.both = [torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])]
+            self.fires = [torch.zeros(n, device=device) for n in cfg.sizes]
+
+    @property
+    def observes(self) -> bool:
+        """Whether the rule reads firing statistics (training passes it every batch)."""
+        return self.coact is not None or self.both is not None
 
     def has_children(self, level: int) -> Tensor:
         return has_children(self.parents[level], self.cfg.sizes[level])
 
     @torch.no_grad()
     def observe(self, acts: list[Tensor]) -> None:
-        """EMA of the fraction of tokens on which child j and parent i both fire."""
+        """coactivation: EMA of the fraction of tokens on which child j and parent i both
+        fire. conditional: counts of both-fire and of firing since the last update."""
+        if self.both is not None and self.fires is not None:
+            fired = [a > 0 for a in acts]
+            for level, f in enumerate(fired):
+                self.fires[level] += distributed.mean(f.sum(0).float())
+            for level, stats in enumerate(self.both):
+                stats += distributed.mean(pair_counts(fired[level + 1], fired[level]).float())
         if self.coact is None:
             return
         m = self.cfg.coact_momentum
@@ -118,25 +173,47 @@ class Hierarchy:
             both = distributed.mean(fired[level + 1].T @ fired[level] / fired[level].shape[0])
             stats.mul_(m).add_(both, alpha=1 - m)
 
+    def _conditional_parents(self, model: HSAE, level: int) -> Tensor:
+        assert self.both is not None and self.fires is not None
+        n_child = self.fires[level + 1]
+        S = conditional_similarity(model, level, self.both[level], n_child, self.fires[level])
+        best, parent = S.max(dim=1)
+        parent[(best < self.cfg.link_threshold) | (n_child == 0)] = -1
+        if self.cfg.tree == "binary":
+            parent = _cap_children(S, parent >= 0, capacity=2)
+        return parent
+
     @torch.no_grad()
     def update(self, model: HSAE) -> None:
         """One hierarchy update with the model's parameters fixed."""
         if self.frozen:
             return
         for level in range(len(self.parents)):
+            if self.both is not None:
+                self.parents[level] = self._conditional_parents(model, level)
+                continue
             coact = self.coact[level] if self.coact is not None else None
             S = similarity(model, level, self.cfg.similarity, coact)
             self.parents[level] = assign_parents(S, self.cfg.tree, self.cfg.unassigned_quantile)
+        for counts in (self.both or []) + (self.fires or []):
+            counts.zero_()  # the next update reads the tokens after this one
         self.frozen = self.cfg.tree == "fixed"
 
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"hierarchy.parents.{i}": p for i, p in enumerate(self.parents)}
         for i, c in enumerate(self.coact or []):
             out[f"hierarchy.coact.{i}"] = c
+        for i, c in enumerate(self.both or []):
+            out[f"hierarchy.both.{i}"] = c
+        for i, c in enumerate(self.fires or []):
+            out[f"hierarchy.fires.{i}"] = c
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor], frozen: bool) -> None:
         self.parents = [tensors[f"hierarchy.parents.{i}"].clone() for i in range(len(self.parents))]
         if self.coact is not None:
             self.coact = [tensors[f"hierarchy.coact.{i}"].clone() for i in range(len(self.coact))]
+        if self.both is not None and self.fires is not None:
+            self.both = [tensors[f"hierarchy.both.{i}"].clone() for i in range(len(self.both))]
+            self.fires = [tensors[f"hierarchy.fires.{i}"].clone() for i in range(len(self.fires))]
         self.frozen = frozen

@@ -299,7 +299,7 @@ class Trainer:
         self.controller.update(distributed.mean(out.l0))  # replaces lambdas, leaves inputs'
         self.last_lambdas = inputs.lambdas  # the ones this step's loss used, for the log
         self._track_firing(out.fired)
-        if self.hierarchy.coact is not None:  # co-activation similarity: an EMA of co-firing
+        if self.hierarchy.observes:  # co-activation or conditional rule: firing statistics
             self.hierarchy.observe(out.dense_acts())
         if out.dropped is not None:
             self.dropped += out.dropped
