@@ -107,8 +107,11 @@ def one_line(message: str) -> None:
         ),
         # The frozen flag: after the first update (step 10) a fixed tree never changes.
         (dict(similarity="decoder", tree="fixed"), {}, 25),
+        # Conditional counts are checkpoint state: a crash inside a counting window (steps
+        # 28-30 count for the update at 30) must resume with the counts made before it.
+        (dict(similarity="conditional", link_threshold=0.5), {}, 29),
     ],
-    ids=["encoder-partial", "coactivation-ghosts", "decoder-fixed"],
+    ids=["encoder-partial", "coactivation-ghosts", "decoder-fixed", "conditional"],
 )
 def test_resume_in_process_equals_straight_run(tmp_path, model, train, crash_at):
     n = 50
@@ -562,3 +565,25 @@ def test_a_run_shorter_than_update_every_warns_that_nothing_links(tmp_path):
     with pytest.warns(UserWarning, match="no hierarchy update will happen"):
         result = trainer.fit()
     assert all(bool((p == -1).all()) for p in result.hierarchy.parents)
+
+
+def test_conditional_counts_only_the_window_before_each_update(tmp_path):
+    """update_every 20: the counting window is the 5 steps that end at each update
+    (steps 16-20, 36-40), and an update starts the counts afresh."""
+    trainer = make_trainer(tiny_cfg(45, similarity="conditional", update_every=20), tmp_path)
+    counted, tokens_at_update = [], []
+    observe, update = trainer.hierarchy.observe, trainer.hierarchy.update
+
+    def observing(acts):
+        counted.append(trainer.step + 1)
+        observe(acts)
+
+    def updating(model):
+        tokens_at_update.append(float(trainer.hierarchy.fires[0].sum()))
+        update(model)
+
+    trainer.hierarchy.observe, trainer.hierarchy.update = observing, updating
+    trainer.fit()
+    assert counted == [16, 17, 18, 19, 20, 36, 37, 38, 39, 40]
+    assert len(tokens_at_update) == 2 and all(t > 0 for t in tokens_at_update)
+    assert any((p >= 0).any() for p in trainer.hierarchy.parents)

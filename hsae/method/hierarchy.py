@@ -63,22 +63,35 @@ def similarity(model: HSAE, level: int, kind: str, coact: Tensor | None = None) 
     raise ValueError(f"unknown similarity {kind!r}")
 
 
+COUNT_WINDOW = 0.25
+"""The conditional rule counts firing over this share of each update interval, the steps
+that end at the update: the update reads only those counts, and counting every step
+nearly doubled the step's time (benchmarks/synthetic.py, 274 s against 144 s)."""
+
+
 def pair_counts(child_fired: Tensor, parent_fired: Tensor) -> Tensor:
     """[n_c, n_p] number of tokens on which child j and parent i both fire.
 
-    From the active entries only (a few per token), never a dense [n_c, n_p] product over
-    the batch: each token adds one count per (active child, active parent) pair."""
+    From the active entries (one count per active (child, parent) pair per token) while
+    they are few; as one dense product when rows are so busy that the pairs would
+    outnumber the entries of the result (early training, before L0 settles)."""
     n_c, n_p = child_fired.shape[1], parent_fired.shape[1]
-    c_idx, c_ok = _active_indices(child_fired)
-    p_idx, p_ok = _active_indices(parent_fired)
+    k_c, k_p = _most_active(child_fired), _most_active(parent_fired)
+    if child_fired.shape[0] * k_c * k_p > n_c * n_p:
+        return (child_fired.T.float() @ parent_fired.float()).round().long()
+    c_idx, c_ok = _active_indices(child_fired, k_c)
+    p_idx, p_ok = _active_indices(parent_fired, k_p)
     flat = (c_idx[:, :, None] * n_p + p_idx[:, None, :])[c_ok[:, :, None] & p_ok[:, None, :]]
     return torch.bincount(flat, minlength=n_c * n_p).view(n_c, n_p)
 
 
-def _active_indices(fired: Tensor) -> tuple[Tensor, Tensor]:
-    """[batch, k] indices of the active entries per row (k = the most in any row), and
+def _most_active(fired: Tensor) -> int:
+    return max(int(fired.sum(1).max()), 1) if fired.numel() else 1
+
+
+def _active_indices(fired: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """[batch, k] indices of the active entries per row (k >= the most in any row), and
     which of them are real (rows with fewer are padded)."""
-    k = max(int(fired.sum(1).max()), 1) if fired.numel() else 1
     vals, idx = fired.to(torch.int8).topk(k, dim=1, sorted=False)
     return idx, vals > 0
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from hsae.config import ConfigError, RunConfig
 from hsae.method import checkpoint, distributed
 from hsae.method.controller import SparsityController
-from hsae.method.hierarchy import Hierarchy
+from hsae.method.hierarchy import COUNT_WINDOW, Hierarchy
 from hsae.method.losses import LossInputs, LossOutput, draw_substitution
 from hsae.method.losses_live import capacity_for
 from hsae.method.model import HSAE
@@ -299,7 +299,7 @@ class Trainer:
         self.controller.update(distributed.mean(out.l0))  # replaces lambdas, leaves inputs'
         self.last_lambdas = inputs.lambdas  # the ones this step's loss used, for the log
         self._track_firing(out.fired)
-        if self.hierarchy.observes:  # co-activation or conditional rule: firing statistics
+        if self.observe_due():  # co-activation or conditional rule: firing statistics
             self.hierarchy.observe(out.dense_acts())
         if out.dropped is not None:
             self.dropped += out.dropped
@@ -308,6 +308,21 @@ class Trainer:
             self.hierarchy.update(self.model)
         self.last = out
         return out.total.detach()
+
+    def observe_due(self) -> bool:
+        """The co-activation EMA reads every step; the conditional rule's counts only the
+        COUNT_WINDOW share of each interval that ends at a hierarchy update (for post-hoc
+        links, the end of the run)."""
+        h, m = self.hierarchy, self.cfg.model
+        if h.coact is not None:
+            return True
+        if h.both is None:
+            return False
+        window = max(1, round(COUNT_WINDOW * m.update_every))
+        after = self.step + 1  # this step's number once it is done
+        if m.links == "posthoc":
+            return after > self.cfg.train.steps - window
+        return (-after) % m.update_every < window
 
     def links_update_due(self) -> bool:
         """Joint training re-links every update_every steps, but not after the last step:
