@@ -159,7 +159,7 @@ def replaced_file(path: PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` to write; once the block succeeds it replaces
     ``path`` in one rename. On an error nothing is left behind and ``path`` is untouched."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)  # `--json runs/new/report.json` just works
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--out runs/new/report.json` just works
     with _temp_beside(path) as tmp:
         yield tmp
         os.replace(tmp, path)

@@ -278,7 +278,7 @@ def splice_report(trained: TrainedHSAE, n_texts: int, batch_size: int = 8) -> di
     if first is None:
         raise ConfigError(
             f"the cache used every text of {meta['text']!r} ({done}); cache fewer tokens "
-            "(--cache.max_tokens) to keep unseen texts for --splice"
+            "(--max_tokens) to keep unseen texts for --splice"
         )
     lm = load_lm(resolve_model(meta["model"]))
     return splice_eval(

@@ -4,7 +4,7 @@ ablation charts (Figures 4, 7, 9: one bar per run; Figure 8: FVE against Hamming
 
 `hsae eval MODEL --baseline BASE --plots DIR` draws the first two from a fresh
 evaluation; `hsae plots compare|ablation REPORT.json ...` draws them from saved reports
-(`hsae eval --json`, or any JSON object whose values are such reports, as the demo's
+(`hsae eval --out`, or any JSON object whose values are such reports, as the demo's
 report.json); `hsae plots curves RUN` draws a run's training log. matplotlib is imported
 only when a figure is drawn, with the Agg canvas (no display, no pyplot state).
 """
@@ -65,14 +65,14 @@ def check_report(report: dict, where: str, per_level: bool = False) -> dict:
 
 def load_reports(path: str | Path, per_level: bool = False) -> dict[str, dict]:
     """{name: report}: a single report is named after its file; an object whose values
-    are reports (eval --baseline --json, the demo's report.json) gives one per key."""
+    are reports (eval --baseline --out, the demo's report.json) gives one per key."""
     obj = load_json(path)
     if "hamming" in obj:
         return {Path(path).stem: check_report(obj, str(path), per_level)}
     found = {k: v for k, v in obj.items() if isinstance(v, dict) and "hamming" in v}
     if not found:
         raise FormatError(
-            f"{path}: not an eval report (no 'hamming'; write one with hsae eval --json)"
+            f"{path}: not an eval report (no 'hamming'; write one with hsae eval --out)"
         )
     return {k: check_report(v, f"{path}: {k}", per_level) for k, v in found.items()}
 

@@ -343,7 +343,7 @@ def measure(
     if not groups:
         raise ValueError(
             f"no parent keeps two children and an unrelated feature with {opts.min_inputs} "
-            "inputs each once shared tokens are left out; use more --tokens"
+            "inputs each once shared tokens are left out; use more --eval_tokens"
         )
     records = [record(g) for g in groups]
     report = {

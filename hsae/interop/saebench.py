@@ -5,7 +5,7 @@ SAEBench evaluates SAE Lens SAEs against a TransformerLens model. What this modu
 
 * the metadata SAEBench reads and our export leaves empty: the TransformerLens model name
   and hook of the activations the HSAE was trained on, taken from its ``hsae cache``
-  manifest (or from flags). ``hsae cache --cache.layer k`` reads the output of block k
+  manifest (or from flags). ``hsae cache --layer k`` reads the output of block k
   (1-based; 0 is the embeddings), which TransformerLens calls ``blocks.{k-1}.hook_resid_post``
   (``blocks.0.hook_resid_pre`` for k = 0);
 * each level loaded with ``SAE.load_from_disk(..., fold_W_dec_norm=True)``, as SAEBench does
@@ -60,7 +60,7 @@ INSTALL_HINT = "SAEBench is not installed: pip install 'hsae[saebench]' (see doc
 
 
 def hook_name(layer: int) -> str:
-    """The TransformerLens hook of ``hsae cache --cache.layer layer`` (hidden-state index)."""
+    """The TransformerLens hook of ``hsae cache --layer layer`` (hidden-state index)."""
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ConfigError(f"layer must be an integer >= 0, got {layer!r}")
     return "blocks.0.hook_resid_pre" if layer == 0 else f"blocks.{layer - 1}.hook_resid_post"
