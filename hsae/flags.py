@@ -71,6 +71,7 @@ class Parser(argparse.ArgumentParser):
     """Usage errors as one line (`hsae train: error: ...`), not the whole usage text."""
 
     def error(self, message: str):
+        message = re.sub(r"(--[\w.]+)/--[\w.-]+", r"\1", message)  # the flag, not its alias
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

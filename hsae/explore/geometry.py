@@ -435,18 +435,17 @@ def write_pictures(groups: list[Group], name: str, out: Path, opts: Options) -> 
 # ---------------------------------------------------------------- command
 
 
-def run(args: Options) -> None:
-    opts = args
-    out = Path(args.out)
-    trained = TrainedHSAE.load(args.model_dir)
-    source = pipeline.measured_source(trained, args.data, args.eval_frac)
-    forests = {"hsae": (args.model_dir, trained.model, trained.parents)}
-    if args.baseline:
-        base = TrainedHSAE.load(args.baseline)
+def run(opts: Options) -> None:
+    out = Path(opts.out)
+    trained = TrainedHSAE.load(opts.model_dir)
+    source = pipeline.measured_source(trained, opts.data, opts.eval_frac)
+    forests = {"hsae": (opts.model_dir, trained.model, trained.parents)}
+    if opts.baseline:
+        base = TrainedHSAE.load(opts.baseline)
         if base.d_in != trained.d_in:
-            raise ValueError(f"{args.baseline}: d_in {base.d_in}, but {args.model_dir} has "
+            raise ValueError(f"{opts.baseline}: d_in {base.d_in}, but {opts.model_dir} has "
                              f"{trained.d_in}; both must read the same activations")  # fmt: skip
-        forests["baseline"] = (args.baseline, base.model, base.parents)
+        forests["baseline"] = (opts.baseline, base.model, base.parents)
     report = {"definition": "ratio = D_unrel / D_sib (see hsae/explore/geometry.py)",
               "tokens": opts.eval_tokens, "per_feature": opts.per_feature,
               "min_inputs": opts.min_inputs, "seed": opts.seed}  # fmt: skip
@@ -454,7 +453,7 @@ def run(args: Options) -> None:
     for name, (directory, m, p) in forests.items():  # every number before any file
         result, measured[name] = measure(m, p, source, opts)
         report[name] = {"model_dir": str(directory), **result}
-    if args.baseline:
+    if opts.baseline:
         report["hsae_minus_baseline"] = compare(report["hsae"], report["baseline"], opts.seed)
     out.mkdir(parents=True, exist_ok=True)
     pictures = sum(len(write_pictures(g, name, out, opts)) for name, g in measured.items())

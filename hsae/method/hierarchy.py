@@ -74,8 +74,12 @@ def pair_counts(child_fired: Tensor, parent_fired: Tensor) -> Tensor:
 
     From the active entries (one count per active (child, parent) pair per token) while
     they are few; as one dense product when rows are so busy that the pairs would
-    outnumber the entries of the result (early training, before L0 settles)."""
+    outnumber the entries of the result (early training, before L0 settles). On a GPU
+    always the dense product: it is cheap there, and sizing the sparse path would cost
+    a host sync."""
     n_c, n_p = child_fired.shape[1], parent_fired.shape[1]
+    if child_fired.is_cuda:
+        return (child_fired.T.float() @ parent_fired.float()).round().long()
     k_c, k_p = _most_active(child_fired), _most_active(parent_fired)
     if child_fired.shape[0] * k_c * k_p > n_c * n_p:
         return (child_fired.T.float() @ parent_fired.float()).round().long()
@@ -159,11 +163,6 @@ class Hierarchy:
         if cfg.similarity == "conditional":
             self.both = [torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])]
             self.fires = [torch.zeros(n, device=device) for n in cfg.sizes]
-
-    @property
-    def observes(self) -> bool:
-        """Whether the rule reads firing statistics (training passes it every batch)."""
-        return self.coact is not None or self.both is not None
 
     def has_children(self, level: int) -> Tensor:
         return has_children(self.parents[level], self.cfg.sizes[level])
