@@ -494,9 +494,11 @@ def test_ghost_grad_loss_reaches_only_dead_encoder_columns() -> None:
     assert (g[:, dead].norm(dim=0) > 1e-6).all()
 
 
-def test_hsae_loss_ghost_grads_revive_dead_encoders() -> None:
+@pytest.mark.parametrize("dense", [False, True])
+def test_hsae_loss_ghost_grads_revive_dead_encoders(dense: bool) -> None:
     """Features that never fire (theta far above pi, outside the STE window) get no encoder
-    gradient from the plain loss and a nonzero one once marked dead."""
+    gradient from the plain loss and a nonzero one once marked dead; every other parameter,
+    the shared b_dec included, gets exactly the plain loss's gradient."""
     model = _small_model(seed=3, sizes=(8, 12))
     x = torch.randn(40, 6, generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
@@ -508,13 +510,16 @@ def test_hsae_loss_ghost_grads_revive_dead_encoders() -> None:
     grads = []
     for dead in (None, [dead0, torch.zeros(12, dtype=torch.bool)]):
         model.zero_grad(set_to_none=True)
-        model(x, LossInputs(parents, lambdas, 0.0, [None], dead)).total.backward()
-        grads.append(model.W_enc[0].grad.clone())
+        model(x, LossInputs(parents, lambdas, 0.0, [None], dead, dense)).total.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     plain, ghost = grads
-    assert torch.equal(plain[:, [2, 5]], torch.zeros(6, 2))
-    assert (ghost[:, [2, 5]].norm(dim=0) > 1e-6).all()
+    assert torch.equal(plain["W_enc.0"][:, [2, 5]], torch.zeros(6, 2))
+    assert (ghost["W_enc.0"][:, [2, 5]].norm(dim=0) > 1e-6).all()
     live = ~dead0
-    assert torch.allclose(plain[:, live], ghost[:, live])
+    assert torch.allclose(plain["W_enc.0"][:, live], ghost["W_enc.0"][:, live])
+    assert torch.allclose(plain["b_enc.0"][live], ghost["b_enc.0"][live])
+    assert torch.allclose(plain["W_dec.0"][live], ghost["W_dec.0"][live])
+    assert torch.allclose(plain["b_dec.0"], ghost["b_dec.0"], atol=1e-7)
 
 
 # ----- initialisation and constraints ----------------------------------------------------

@@ -210,7 +210,8 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
         total = total + mse.mean() + inp.lambdas[level] * l0_ste
         if inp.dead is not None and bool(inp.dead[level].any()):
             idx = inp.dead[level].nonzero().squeeze(1)
-            g = ghost_grad_loss(pre[:, idx], x - recon, model.W_dec[level][idx], mse)
+            pre_dead = model.ghost_pre_acts(x, level, idx)
+            g = ghost_grad_loss(pre_dead, x - recon, model.W_dec[level][idx], mse)
             ghost, total = ghost + g.detach(), total + g
         l0s.append(l0_ste.detach())
         mses.append(mse.mean().detach())

@@ -337,8 +337,7 @@ def _ghost(
         idx = dead.nonzero().squeeze(1)
         if idx.numel() == 0:
             return x.new_zeros(())
-        W = model.W_enc[level][:, idx]
-        pre = (x - model.b_dec[level]) @ W + model.b_enc[level][idx]
+        pre = model.ghost_pre_acts(x, level, idx)
         return ghost_grad_loss(pre, x - recon, model.W_dec[level][idx], mse)
-    pre = model.pre_acts(x, level).masked_fill(~dead, -torch.inf)  # exp(-inf) = 0: no sync
+    pre = model.ghost_pre_acts(x, level).masked_fill(~dead, -torch.inf)  # exp(-inf) = 0: no sync
     return ghost_grad_loss(pre, x - recon, model.W_dec[level], mse) * dead.any()

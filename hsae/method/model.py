@@ -46,6 +46,17 @@ class HSAE(nn.Module):
         """pi_l(x) = (x - b_dec,l) W_enc,l + b_enc,l."""
         return (x - self.b_dec[level]) @ self.W_enc[level] + self.b_enc[level]
 
+    def ghost_pre_acts(self, x: Tensor, level: int, idx: Tensor | None = None) -> Tensor:
+        """pi_l(x) of the columns ``idx`` (all if None) for ghost grads, with b_dec,l
+        detached: ghost grads are meant to move only the dead features' own parameters.
+        Through the shared b_dec,l their gradient, as large as the reconstruction's, moves
+        every live feature too; on the benchmark that collapsed the large levels (FVE
+        0.93 -> 0.24 within 200 steps of the first dead latent, docs/training.md)."""
+        W, b = self.W_enc[level], self.b_enc[level]
+        if idx is not None:
+            W, b = W[:, idx], b[idx]
+        return (x - self.b_dec[level].detach()) @ W + b
+
     def activate(self, pre: Tensor, level: int) -> Tensor:
         """a_l = JumpReLU(pi_l) with straight-through gradients for theta."""
         return JumpReLU.apply(pre, self.threshold[level], self.bandwidth)
