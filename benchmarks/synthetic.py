@@ -6,10 +6,9 @@ its parent (co-occurrence, directions unrelated to the parent's). Every method t
 the same rows, the same number of rows per level, and is measured on the same held-out
 rows:
 
-- hsae: `hsae train` with its defaults (the paper's HSAE), only sizes, target L0 and
-  length given;
-- conditional: the same with `--model.similarity conditional` (links by P(parent fires |
-  child fires), copies and dead parents excluded);
+- hsae: `hsae train` with its defaults (the default method: links by P(parent fires |
+  child fires), copies and dead parents excluded), only sizes, target L0 and length given;
+- paper: the same with `--model.method paper` (the paper's HSAE, encoder-cosine links);
 - baseline: hsae's post-hoc baseline (rho = 0, no substitution, links made at the end);
 - saelens: SAE Lens JumpReLU SAEs of the same sizes (quadratic L0 loss at the target,
   GemmaScope 2), trained one after another on the same rows, linked post hoc by hsae's
@@ -150,8 +149,8 @@ def train_hsae(
     # the paper links every 5,000 of 100k steps: the same share of this run
     every = max(1, size.steps // 20)
     model_cfg = HSAEConfig(sizes=size.levels, target_l0=size.target_l0, update_every=every)
-    if method == "conditional":
-        model_cfg = dataclasses.replace(model_cfg, similarity="conditional")
+    if method == "paper":
+        model_cfg = dataclasses.replace(model_cfg, method="paper")
     cfg = RunConfig(
         model=model_cfg.baseline() if method == "baseline" else model_cfg,
         train=TrainConfig(steps=size.steps, seed=seed, checkpoint_every=0, progress=progress),
@@ -380,8 +379,8 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=["hsae", "conditional", "baseline", *PEERS],
-        default=["hsae", "baseline", *PEERS],
+        choices=["hsae", "paper", "baseline", *PEERS],
+        default=["hsae", "paper", "baseline", *PEERS],
     )
     parser.add_argument("--json", default=None, help="also write every report here")
     parser.add_argument("--progress", action="store_true", help="hsae's progress bars")

@@ -1,13 +1,15 @@
 """HSAE against SAE Lens, training the same four dictionaries on the same activations.
 
-(a) HSAE with the paper's mechanisms on (constraint loss, substitution, linked levels);
+(a) HSAE, its default method and the paper's (`--model.method paper`), with the paper's
+mechanisms on (constraint loss, substitution, linked levels);
 (b) SAE Lens JumpReLU training SAEs of the four sizes, one after another, each through
 SAE Lens's own `training_forward_pass`, backward and an Adam step. Both read the same
 in-memory activations (d = 384 by default, batch 1024, target L0 32, fp32, this CPU's
 default threads) and are timed in alternating rounds, so that a change in the machine's
 load hits both alike. HSAE runs with the kernel settings of `hsae train` (deterministic).
-Prints tokens/s of each, their ratio, the share of this machine's measured dense matmul
-rate (dense cost: 12 d sum(n) FLOP per token) and peak RSS.
+Prints tokens/s of each, the ratios HSAE / SAE Lens and default method / paper, the
+share of this machine's measured dense matmul rate (dense cost: 12 d sum(n) FLOP per
+token) and peak RSS.
 
     python benchmarks/train_speed.py              # about 2 minutes on 2 cores
     python benchmarks/train_speed.py --steps 100  # steadier figures
@@ -43,12 +45,14 @@ def matmul_rate(d: int, n: int, batch: int, repeats: int = 20) -> float:
     return 2 * batch * d * n * repeats / (time.perf_counter() - started)
 
 
-def hsae_stepper(data: torch.Tensor, sizes: tuple[int, ...], l0: float, kernel: str):
+def hsae_stepper(
+    data: torch.Tensor, sizes: tuple[int, ...], l0: float, kernel: str, method: str = "hsae"
+):
     """A function running one HSAE training step, after 10 warm-up steps (the first
-    hierarchy update happens there, so links exist)."""
+    hierarchy update happens there, so links exist; one follows every 10 steps)."""
     warmup = 10
     cfg = RunConfig(
-        model=HSAEConfig(sizes=sizes, target_l0=l0, update_every=warmup),
+        model=HSAEConfig(method=method, sizes=sizes, target_l0=l0, update_every=warmup),
         train=TrainConfig(steps=10**6, batch_size=data.shape[1], checkpoint_every=0,
                           progress=False, scale_tokens=data.shape[1], device="cpu",
                           kernel=kernel),
@@ -177,10 +181,11 @@ def main() -> None:
     data = torch.randn(8, args.batch_size, args.d)
     dense_flop = 12 * args.d * sum(sizes)
     peak = matmul_rate(args.d, max(sizes), args.batch_size)
-    names = {"live": "HSAE (all four levels, linked)", "lens": "SAE Lens (four SAEs)",
-             "dense": "HSAE, dense reference kernel"}  # fmt: skip
+    names = {"live": "HSAE (all four levels, linked)", "paper": "HSAE, --model.method paper",
+             "lens": "SAE Lens (four SAEs)", "dense": "HSAE, dense reference kernel"}  # fmt: skip
     with kernel_settings(deterministic=True, device=torch.device("cpu")):  # as `hsae train`
         steppers = {"live": hsae_stepper(data, sizes, args.target_l0, "live"),
+                    "paper": hsae_stepper(data, sizes, args.target_l0, "live", "paper"),
                     "lens": sae_lens_stepper(data, sizes, args.target_l0)}  # fmt: skip
         if args.dense:
             steppers["dense"] = hsae_stepper(data, sizes, args.target_l0, "dense")
@@ -195,6 +200,7 @@ def main() -> None:
         share = rate * dense_flop / peak
         print(f"{names[key]:32s} {rate:10,.0f} tokens/s  ({share:.1%} of the dense matmul rate)")
     print(f"HSAE / SAE Lens: {rates['live'] / rates['lens']:.2f}x; peak RSS {rss:,.0f} MiB")
+    print(f"step cost, default method / paper: {rates['paper'] / rates['live']:.2f}x")
 
 
 if __name__ == "__main__":

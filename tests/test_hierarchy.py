@@ -188,7 +188,10 @@ def test_observe_is_an_ema_of_the_joint_firing_fraction() -> None:
 
 
 def _cfg(tree: str) -> HSAEConfig:
-    return HSAEConfig(sizes=(6, 12, 20), target_l0=2.0, tree=tree, unassigned_quantile=0.2)
+    """The paper's method: its tree variants act on the encoder-cosine rule."""
+    return HSAEConfig(
+        sizes=(6, 12, 20), target_l0=2.0, method="paper", tree=tree, unassigned_quantile=0.2
+    )
 
 
 def _permute_level0(model: HSAE, perm: torch.Tensor) -> None:
@@ -314,6 +317,30 @@ def test_conditional_rule_links_true_parents_and_refuses_copies() -> None:
     # the counts restart after an update: a second update without new tokens links nobody
     hier.update(model)
     assert hier.parents[0].tolist() == [-1, -1, -1, -1]
+
+
+def test_the_method_picks_the_link_rule() -> None:
+    """On the hand case with tied encoders (W_enc = W_dec^T), the paper's method links
+    child 2 to its copy, parent 2 (encoder cosine 1); the default method (hsae) links by
+    P(p|c) and refuses the copy. An explicit --model.similarity overrides either."""
+    model, acts = _conditional_case()
+    with torch.no_grad():
+        for level in range(2):
+            model.W_enc[level].copy_(model.W_dec[level].T)
+    linked = {}
+    for name, cfg in {
+        "hsae": HSAEConfig(sizes=(3, 4), target_l0=1.0),
+        "paper": HSAEConfig(sizes=(3, 4), target_l0=1.0, method="paper"),
+        "paper, conditional": HSAEConfig(
+            sizes=(3, 4), target_l0=1.0, method="paper", similarity="conditional"
+        ),
+    }.items():
+        hier = Hierarchy(cfg)
+        hier.observe(acts)
+        hier.update(model)
+        linked[name] = hier.parents[0].tolist()
+    assert linked["paper"][2] == 2
+    assert linked["hsae"] == linked["paper, conditional"] == [1, -1, -1, 1]
 
 
 def test_conditional_rule_without_the_copy_check_would_link_the_copy() -> None:

@@ -68,13 +68,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def mean(t: Tensor) -> Tensor:
-    """The mean over ranks of a tensor of the same shape on every rank."""
+def total(t: Tensor) -> Tensor:
+    """The sum over ranks of a tensor of the same shape on every rank."""
     if not active():
         return t
     t = t.clone()
     dist.all_reduce(t)
-    return t / world_size()
+    return t
+
+
+def mean(t: Tensor) -> Tensor:
+    """The mean over ranks of a tensor of the same shape on every rank."""
+    return total(t) / world_size() if active() else t
 
 
 def any_(mask: Tensor) -> Tensor:

@@ -153,14 +153,14 @@ class Hierarchy:
         self.parents = unlinked(cfg.sizes, device)
         self.frozen = False
         self.coact: list[Tensor] | None = None
-        if cfg.similarity == "coactivation":
+        if cfg.link_rule == "coactivation":
             self.coact = [
                 torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])
             ]
         # conditional rule: counts since the last update (both-fire per pair, fires per level)
         self.both: list[Tensor] | None = None
         self.fires: list[Tensor] | None = None
-        if cfg.similarity == "conditional":
+        if cfg.link_rule == "conditional":
             self.both = [torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])]
             self.fires = [torch.zeros(n, device=device) for n in cfg.sizes]
 
@@ -170,13 +170,15 @@ class Hierarchy:
     @torch.no_grad()
     def observe(self, acts: list[Tensor]) -> None:
         """coactivation: EMA of the fraction of tokens on which child j and parent i both
-        fire. conditional: counts of both-fire and of firing since the last update."""
+        fire. conditional: counts of both-fire and of firing since the last update, over
+        the global batch (summed over ranks: a count, not a mean, since a child seen on one
+        token of one rank must still score P(p|c) = 1, not 1/2 clamped)."""
         if self.both is not None and self.fires is not None:
             fired = [a > 0 for a in acts]
             for level, f in enumerate(fired):
-                self.fires[level] += distributed.mean(f.sum(0).float())
+                self.fires[level] += distributed.total(f.sum(0).float())
             for level, stats in enumerate(self.both):
-                stats += distributed.mean(pair_counts(fired[level + 1], fired[level]).float())
+                stats += distributed.total(pair_counts(fired[level + 1], fired[level]).float())
         if self.coact is None:
             return
         m = self.cfg.coact_momentum
@@ -205,7 +207,7 @@ class Hierarchy:
                 self.parents[level] = self._conditional_parents(model, level)
                 continue
             coact = self.coact[level] if self.coact is not None else None
-            S = similarity(model, level, self.cfg.similarity, coact)
+            S = similarity(model, level, self.cfg.link_rule, coact)
             self.parents[level] = assign_parents(S, self.cfg.tree, self.cfg.unassigned_quantile)
         for counts in (self.both or []) + (self.fires or []):
             counts.zero_()  # the next update reads the tokens after this one
