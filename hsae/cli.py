@@ -204,8 +204,11 @@ def cmd_demo(opts: DemoOptions) -> None:
 
 OWN_COMMANDS = [
     Command(
-        "demo", "train HSAE and the post-hoc baseline on a planted forest", DemoOptions, cmd_demo
-    ),  # fmt: skip
+        "demo",
+        "train hsae, the paper's HSAE and the post-hoc baseline on a planted forest",
+        DemoOptions,
+        cmd_demo,
+    ),
     Command(
         "train",
         "train an HSAE",
@@ -219,13 +222,13 @@ OWN_COMMANDS = [
         EvalOptions,
         cmd_eval,
         sections={"planted": PlantedConfig},
-    ),  # fmt: skip
+    ),
     Command(
         "cache", "extract a language model's activations to disk", pipeline.CacheRequest, cmd_cache
-    ),  # fmt: skip
+    ),
     Command(
         "posthoc", "link existing SAE Lens SAEs into a post-hoc forest", PosthocOptions, cmd_posthoc
-    ),  # fmt: skip
+    ),
 ]
 
 
