@@ -23,7 +23,7 @@ Schedule = Literal["wsd", "cosine"]
 LogTarget = Literal["jsonl", "wandb"]
 
 
-METHOD_LINK_RULE: dict[str, Similarity] = {"hsae": "conditional", "paper": "encoder"}
+METHOD_LINK_RULE: dict[Method, Similarity] = {"hsae": "conditional", "paper": "encoder"}
 """The link rule each method uses unless --model.similarity names one. The methods share
 the paper's loss (L_SAE, L_PC, perturbation, ghost grads) and differ in how a child finds
 its parent: docs/hierarchy.md gives the measurements behind hsae's choice."""

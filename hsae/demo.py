@@ -13,6 +13,7 @@ Four levels at a CPU-sized scale, a short run, with the training defaults of eve
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def describe_tree(
         p, c = matches[level][i], matches[level + 1][j]
         return j not in copies[level] and p >= 0 and c >= 0 and forest.is_ancestor(p, c)
 
+    @functools.cache  # asked again for each subtree while sorting and printing
     def true_links(level: int, i: int) -> int:
         """True links in the subtree below feature i."""
         if level >= len(children):

@@ -79,14 +79,18 @@ def pair_counts(child_fired: Tensor, parent_fired: Tensor) -> Tensor:
     a host sync."""
     n_c, n_p = child_fired.shape[1], parent_fired.shape[1]
     if child_fired.is_cuda:
-        return (child_fired.T.float() @ parent_fired.float()).round().long()
+        return _dense_pair_counts(child_fired, parent_fired)
     k_c, k_p = _most_active(child_fired), _most_active(parent_fired)
     if child_fired.shape[0] * k_c * k_p > n_c * n_p:
-        return (child_fired.T.float() @ parent_fired.float()).round().long()
+        return _dense_pair_counts(child_fired, parent_fired)
     c_idx, c_ok = _active_indices(child_fired, k_c)
     p_idx, p_ok = _active_indices(parent_fired, k_p)
     flat = (c_idx[:, :, None] * n_p + p_idx[:, None, :])[c_ok[:, :, None] & p_ok[:, None, :]]
     return torch.bincount(flat, minlength=n_c * n_p).view(n_c, n_p)
+
+
+def _dense_pair_counts(child_fired: Tensor, parent_fired: Tensor) -> Tensor:
+    return (child_fired.T.float() @ parent_fired.float()).round().long()
 
 
 def _most_active(fired: Tensor) -> int:
