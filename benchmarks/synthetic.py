@@ -7,7 +7,8 @@ the same rows, the same number of rows per level, and is measured on the same he
 rows:
 
 - hsae: `hsae train` with its defaults (the default method: links by P(parent fires |
-  child fires), copies and dead parents excluded), only sizes, target L0 and length given;
+  child fires), copies and dead parents excluded, L0 target annealed from 3x), only
+  sizes, target L0 and length given;
 - paper: the same with `--model.method paper` (the paper's HSAE, encoder-cosine links);
 - baseline: hsae's post-hoc baseline (rho = 0, no substitution, links made at the end);
 - saelens: SAE Lens JumpReLU SAEs of the same sizes (quadratic L0 loss at the target,
@@ -25,6 +26,7 @@ recovered by their place in the forest (roots, inner nodes, leaves, independents
 
     python benchmarks/synthetic.py --seeds 0 1 2          # CPU size, minutes here
     python benchmarks/synthetic.py --size synthsaebench16k  # SAE Lens's 16k benchmark (GPU)
+    python benchmarks/synthetic.py --methods hsae --set support=1  # one change to hsae
 """
 
 from __future__ import annotations
@@ -144,13 +146,20 @@ def draw_rows(model, n: int) -> Tensor:
 
 
 def train_hsae(
-    rows: Tensor, size: Size, seed: int, method: str, progress: bool = False
+    rows: Tensor,
+    size: Size,
+    seed: int,
+    method: str,
+    progress: bool = False,
+    overrides: dict | None = None,
 ) -> tuple[HSAE, list]:
     # the paper links every 5,000 of 100k steps: the same share of this run
     every = max(1, size.steps // 20)
     model_cfg = HSAEConfig(sizes=size.levels, target_l0=size.target_l0, update_every=every)
     if method == "paper":
         model_cfg = dataclasses.replace(model_cfg, method="paper")
+    model_cfg = dataclasses.replace(model_cfg, **(overrides or {}))
+    model_cfg.validate()
     cfg = RunConfig(
         model=model_cfg.baseline() if method == "baseline" else model_cfg,
         train=TrainConfig(steps=size.steps, seed=seed, checkpoint_every=0, progress=progress),
@@ -385,7 +394,15 @@ def main() -> None:
     )
     parser.add_argument("--json", default=None, help="also write every report here")
     parser.add_argument("--progress", action="store_true", help="hsae's progress bars")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="HSAEConfig fields for hsae and paper (one change to measure), e.g. support=1",
+    )
     args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     size = SIZES[args.size]
     if args.steps:
         size.steps = args.steps
@@ -406,7 +423,9 @@ def main() -> None:
             if method in PEERS:
                 model, parents = PEERS[method](train_rows, size, seed)
             else:
-                model, parents = train_hsae(train_rows, size, seed, method, args.progress)
+                model, parents = train_hsae(
+                    train_rows, size, seed, method, args.progress, overrides
+                )
             seconds = time.perf_counter() - started
             report = measure(model, parents, eval_rows, gt, truth) | {"seconds": seconds}
             reports[f"{method}/{seed}"] = report

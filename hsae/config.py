@@ -28,6 +28,11 @@ METHOD_LINK_RULE: dict[Method, Similarity] = {"hsae": "conditional", "paper": "e
 the paper's loss (L_SAE, L_PC, perturbation, ghost grads) and differ in how a child finds
 its parent: docs/hierarchy.md gives the measurements behind hsae's choice."""
 
+METHOD_L0_START: dict[Method, float] = {"hsae": 3.0, "paper": 1.0}
+"""The multiple of target_l0 each method's L0 target starts at, unless --model.l0_start
+names one (hsae.method.controller anneals it to the target; 1 = the paper's fixed target).
+docs/training.md gives the measurements behind hsae's 3."""
+
 REFERENCE_STEPS = 100_000
 """The run length the paper's controller constants were set for."""
 
@@ -48,10 +53,17 @@ class HSAEConfig:
     """Dictionary size n_l of each level, strictly increasing."""
     target_l0: float = 50.0
     """Wanted mean number of active features per token, every level."""
+    l0_start: float | None = None
+    """The L0 target starts at this multiple of target_l0 and falls linearly to it over
+    the first half of the run, never above a quarter of a level's features (None: the
+    method's, hsae 3, paper 1 = a fixed target; hsae.method.controller)."""
     rho: float = 0.01
     """Weight of the parent-children constraint loss L_PC."""
     perturb_rate: float = 0.05
     """Rate r at which a parent with children is substituted by its children."""
+    support: float = 0.0
+    """Weight s of the support constraint L_S (ours, not the paper's): a linked child
+    firing where its parent is silent pays (1 + s) times the L0 price. 0 turns it off."""
     bandwidth: float = 0.5
     """Width eps of the rectangle kernel in the straight-through estimator (the paper gives
     none). Relative to inputs scaled so that E||s x|| = sqrt(d), i.e. pre-activations of
@@ -83,6 +95,11 @@ class HSAEConfig:
         """How a child finds its parent: --model.similarity, else the method's rule."""
         return self.similarity or METHOD_LINK_RULE[self.method]
 
+    @property
+    def l0_start_multiple(self) -> float:
+        """Where the annealed L0 target starts: --model.l0_start, else the method's."""
+        return self.l0_start if self.l0_start is not None else METHOD_L0_START[self.method]
+
     def validate(self) -> None:
         check_finite(self)
         _check_choice("method", self.method, Method)
@@ -92,10 +109,13 @@ class HSAEConfig:
             raise ConfigError(f"sizes must be strictly increasing, got {list(self.sizes)}")
         if self.target_l0 <= 0 or self.target_l0 >= min(self.sizes):
             raise ConfigError(f"target_l0 must lie in (0, {min(self.sizes)}), got {self.target_l0}")
+        if self.l0_start is not None and self.l0_start < 1:
+            raise ConfigError(f"l0_start must be >= 1, got {self.l0_start}")
         for name in ("perturb_rate", "unassigned_quantile", "coact_momentum", "link_threshold"):
             _check_unit(name, getattr(self, name))
-        if self.rho < 0:
-            raise ConfigError(f"rho must be >= 0, got {self.rho}")
+        for name in ("rho", "support"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.bandwidth <= 0:
             raise ConfigError(f"bandwidth must be > 0, got {self.bandwidth}")
         if self.update_every <= 0:
@@ -109,8 +129,9 @@ class HSAEConfig:
         """The paper's post-hoc baseline: same SAEs, rho = 0, r = 0, links made at the end
         by the paper's rule."""
         return dataclasses.replace(
-            self, method="paper", similarity=None, rho=0.0, perturb_rate=0.0, links="posthoc"
-        )
+            self, method="paper", similarity=None, l0_start=None, rho=0.0, perturb_rate=0.0,
+            support=0.0, links="posthoc",
+        )  # fmt: skip
 
 
 @dataclass

@@ -25,7 +25,7 @@ from hsae.io import atomic_write_json
 from hsae.method.hierarchy import children_lists
 from hsae.method.model import HSAE
 
-DEMO_STEPS = 2000
+DEMO_STEPS = 1500
 EVAL_TOKENS = 65536
 
 

@@ -137,7 +137,7 @@ def _train_at_fixed_lambda(
     forest: PlantedForest, lam: float, out_dir
 ) -> tuple[list[float], Trainer]:
     cfg = RunConfig(
-        model=HSAEConfig(sizes=(16, 32), target_l0=4.0, update_every=10**6),
+        model=HSAEConfig(sizes=(16, 32), target_l0=4.0, update_every=10**6, l0_start=1.0),
         train=TrainConfig(
             steps=300,
             batch_size=256,
@@ -195,3 +195,38 @@ def test_default_controller_reaches_target_l0(small_forest, tmp_path, steps) -> 
     with torch.no_grad():
         l0 = [(a > 0).sum(-1).float().mean().item() for a in trainer.model.encode(x)]
     assert all(abs(v - target) <= 0.1 * target for v in l0), l0
+
+
+# ----- the annealed target (HSAEConfig.l0_start) -------------------------------------------
+
+
+def test_annealed_target_falls_linearly_to_the_target_by_half_the_run() -> None:
+    c = _controller(target_l0=10.0, start_multiple=3.0, steps=1000)
+    # by hand: 30 at step 0, 20 a quarter in, 10 from half the run on
+    for step, want in [(0, 30.0), (250, 20.0), (500, 10.0), (999, 10.0)]:
+        assert c.target_at(step).tolist() == pytest.approx([want, want]), step
+    c.update(torch.tensor([30.0, 30.0]), step=250)
+    assert c.target.tolist() == pytest.approx([20.0, 20.0])
+
+
+def test_annealed_target_never_asks_a_level_for_more_than_a_quarter_of_it() -> None:
+    c = _controller(target_l0=8.0, start_multiple=3.0, steps=100, sizes=(32, 64, 256))
+    assert c.target_at(0).tolist() == pytest.approx([8.0, 16.0, 24.0])
+    assert _controller(target_l0=10.0).target_at(0).tolist() == [10.0, 10.0]  # not annealed
+
+
+@pytest.mark.parametrize(("method", "start"), [("hsae", 3.0), ("paper", 1.0)])
+def test_training_starts_at_the_methods_annealed_l0(small_forest, tmp_path, method, start):
+    """init_from_data sets the thresholds for the step-0 target: the hsae method starts
+    its level of 64 features at 3 x 4 = 12 active, the paper's at the target, 4."""
+    cfg = RunConfig(
+        model=HSAEConfig(method=method, sizes=(16, 64), target_l0=4.0),
+        train=TrainConfig(steps=10, batch_size=256, checkpoint_every=0, progress=False),
+    )
+    trainer = Trainer(cfg, 16, planted_stream(small_forest, 256, seed=1), tmp_path)
+    trainer.init_fresh()
+    x = small_forest.sample(8192, torch.Generator().manual_seed(99))[0] * trainer.model.scale
+    with torch.no_grad():
+        l0 = [(a > 0).sum(-1).float().mean().item() for a in trainer.model.encode(x)]
+    assert l0[0] == pytest.approx(4.0, rel=0.15)  # 16 features: capped at 4, not annealed
+    assert l0[1] == pytest.approx(4.0 * start, rel=0.15)

@@ -60,8 +60,9 @@ def test_two_gloo_processes_match_one(tmp_path, subprocess_env, python_exe, data
         b = load_safetensors(two / "model" / f"level_{level}" / "sae_weights.safetensors")
         for name in a:
             # the gradient all-reduce sums in another order; 30 steps at the short-run lr
-            # (2.9e-2) grow that to ~1e-5 (a wrong slice of rows would differ by O(1))
-            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (level, name)
+            # (2.9e-2) grow that to ~1e-4 (8e-5 measured on a threshold with the annealed
+            # L0 target, 1e-5 without it); a wrong slice of rows would differ by O(1)
+            assert torch.allclose(a[name], b[name], rtol=1e-4, atol=2e-4), (level, name)
     headers = [json.loads((d / "model" / "hsae.json").read_text()) for d in (one, two)]
     assert [h["summary"]["world_size"] for h in headers] == [1, 2]  # really data-parallel
     hierarchy = [json.loads((d / "model" / "hierarchy.json").read_text()) for d in (one, two)]

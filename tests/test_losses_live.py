@@ -24,7 +24,7 @@ def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0) -> HSAE:
     return model
 
 
-def _inputs(model: HSAE, seed=0, rho=0.3, dead=True) -> LossInputs:
+def _inputs(model: HSAE, seed=0, rho=0.3, dead=True, support=0.0) -> LossInputs:
     gen = torch.Generator().manual_seed(seed + 2)
     parents, substitution = [], []
     for n_p, n_c in zip(model.sizes, model.sizes[1:]):
@@ -34,7 +34,7 @@ def _inputs(model: HSAE, seed=0, rho=0.3, dead=True) -> LossInputs:
         substitution.append(torch.rand(n_p, generator=gen) < 0.3)
     dead_masks = [torch.rand(n, generator=gen) < 0.2 for n in model.sizes] if dead else None
     lambdas = torch.tensor([0.05, 0.1, 0.2])[: model.n_levels]
-    return LossInputs(parents, lambdas, rho, substitution, dead_masks)
+    return LossInputs(parents, lambdas, rho, substitution, dead_masks, support=support)
 
 
 def _loss_and_grads(model: HSAE, x, inp: LossInputs, fn, **kw):
@@ -49,12 +49,14 @@ def _loss_and_grads(model: HSAE, x, inp: LossInputs, fn, **kw):
 
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["exact", "capacity"])
-@pytest.mark.parametrize("rho, dead", [(0.3, True), (0.0, False), (2.0, False)])
-def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead) -> None:
+@pytest.mark.parametrize(
+    "rho, dead, support", [(0.3, True, 0.0), (0.0, False, 0.0), (2.0, False, 0.0), (0.3, True, 3.0)]
+)
+def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead, support) -> None:
     torch.manual_seed(0)
     model = _model()
     x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5)) * 1.5
-    inp = _inputs(model, rho=rho, dead=dead)
+    inp = _inputs(model, rho=rho, dead=dead, support=support)
     dense, g_dense = _loss_and_grads(model, x, inp, hsae_loss_dense)
     inp.capacity = [48 * n for n in model.sizes] if sync_free else None
     live, g_live = _loss_and_grads(model, x, inp, hsae_loss_live)
@@ -68,9 +70,11 @@ def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead) -> None
     assert live.pc.item() == pytest.approx(dense.pc.item(), rel=1e-5, abs=1e-7)
     for out in (live, dense):  # the named terms are the loss, term by term
         assert out.sparsity.item() == pytest.approx((inp.lambdas * out.l0).sum().item(), rel=1e-5)
-        parts = out.mse.sum() + out.sparsity + rho * out.pc + out.ghost
+        parts = out.mse.sum() + out.sparsity + rho * out.pc + out.ghost + out.support
         assert parts.item() == pytest.approx(out.total.item(), rel=1e-5)
         assert (out.ghost.item() != 0) == dead
+        assert (out.support.item() != 0) == (support > 0)
+    assert live.support.item() == pytest.approx(dense.support.item(), rel=1e-5)
     assert live.ghost.item() == pytest.approx(dense.ghost.item(), rel=1e-5, abs=1e-7)
     assert g_live.keys() == g_dense.keys()
     for name, g in g_dense.items():

@@ -9,12 +9,13 @@ from test_train import make_trainer, tiny_cfg
 
 from hsae.method.train_log import LOG_FILE, TrainLog, read_log
 
-FIELDS = {"step", "tokens", "lr", "loss", "reconstruction", "sparsity", "pc", "ghost", "l0",
-          "fve", "lambda", "dead_frac", "tokens_per_s"}  # fmt: skip
+FIELDS = {"step", "tokens", "lr", "loss", "reconstruction", "sparsity", "pc", "ghost",
+          "support", "l0", "fve", "lambda", "dead_frac", "tokens_per_s"}  # fmt: skip
 
 
 def test_a_run_logs_every_term_and_level(tmp_path):
-    cfg = tiny_cfg(40, train=dict(log_every=10, dead_after=5), rho=0.5)
+    # a fixed L0 target: with the annealed one no latent goes quiet within 40 steps
+    cfg = tiny_cfg(40, train=dict(log_every=10, dead_after=5), rho=0.5, l0_start=1.0)
     make_trainer(cfg, tmp_path).fit()
     records = read_log(tmp_path / LOG_FILE)
     assert [r["step"] for r in records] == [10, 20, 30, 40]
@@ -23,13 +24,23 @@ def test_a_run_logs_every_term_and_level(tmp_path):
         assert r["tokens"] == r["step"] * cfg.train.batch_size
         assert len(r["l0"]) == len(r["fve"]) == len(r["lambda"]) == len(r["dead_frac"]) == 3
         # the named terms are the loss (section 3.1), term by term
-        terms = r["reconstruction"] + r["sparsity"] + r["pc"] + r["ghost"]
+        terms = r["reconstruction"] + r["sparsity"] + r["pc"] + r["ghost"] + r["support"]
         assert terms == pytest.approx(r["loss"], rel=1e-5)
         assert r["sparsity"] == pytest.approx(
             sum(lam * l0 for lam, l0 in zip(r["lambda"], r["l0"], strict=True)), rel=1e-4
         )
     assert records[-1]["pc"] > 0  # links exist after the first update (step 10)
     assert any(r["ghost"] > 0 for r in records)  # dead_after 5: some latent went quiet
+
+
+def test_the_support_term_is_logged_once_links_exist(tmp_path):
+    cfg = tiny_cfg(30, train=dict(log_every=10), support=1.0)
+    make_trainer(cfg, tmp_path).fit()
+    records = read_log(tmp_path / LOG_FILE)
+    assert records[0]["support"] == 0 < records[-1]["support"]  # L_S acts on links only
+    for r in records:
+        terms = r["reconstruction"] + r["sparsity"] + r["pc"] + r["ghost"] + r["support"]
+        assert terms == pytest.approx(r["loss"], rel=1e-5)
 
 
 def test_a_resumed_log_keeps_its_steps_and_drops_a_torn_line(tmp_path):

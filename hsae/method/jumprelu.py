@@ -3,7 +3,9 @@
     a = pi H(pi - theta),  dH/dtheta ~ -(1/eps) K((pi - theta)/eps),  K = 1 on |u| < 1/2
 
 eps is the bandwidth (design §1). Only theta gets a pseudo-gradient through H; pi gets
-the exact gradient of a where the feature is active.
+the exact gradient of a where the feature is active. The support constraint's step
+(`SupportStep`) is the exception: it is meant to move where a feature fires, so pi gets
+the pseudo-gradient too.
 """
 
 from __future__ import annotations
@@ -51,3 +53,19 @@ class Step(torch.autograd.Function):
         kernel = rectangle((pre - theta) / ctx.eps)
         grad_theta = (-(1.0 / ctx.eps) * kernel * grad).sum_to_size(theta.shape)
         return torch.zeros_like(pre), grad_theta, None
+
+
+class SupportStep(Step):
+    """H(pi - theta) for the support constraint: `Step`'s forward, with pseudo-gradients
+    for both pi, +(1/eps) K((pi-theta)/eps), and theta, -(1/eps) K((pi-theta)/eps).
+
+    The L0 penalty's `Step` moves only theta: it prices how often a feature fires. The
+    support constraint prices *where* a child fires (outside its parent), which is the
+    encoder's to change, so the same straight-through window also reaches pi, and from it
+    W_enc and b_enc."""
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, theta = ctx.saved_tensors
+        window = (1.0 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * grad
+        return window, (-window).sum_to_size(theta.shape), None

@@ -4,7 +4,14 @@
                 + lambda_l sum_i H(pi_l,i - theta_l,i) ]  sparsity (lambda_l L0_l)
         + rho sum_{l<L} sum_{i: C(l,i) != {}} ||f_l,i(x) - sum_{j in C(l,i)} f_l+1,j(x)||^2
                                                           L_PC, the parent-children constraint
+        + s sum_{l<L} lambda_l+1 sum_{j: p(j) != -1} H(pi_l+1,j - theta_l+1,j) [a_l,p(j) = 0]
+                                                          L_S, the support constraint (ours)
         + ghost grads for dead latents (Jermyn & Templeton 2024)
+
+L_S is not the paper's: a linked child firing where its parent is silent pays (1 + s)
+times the L0 price. It is the soft form of the Tree SAE's gate (a child may fire only
+where its parent fires, Cao et al. 2026), which suits a co-occurrence hierarchy
+(docs/hierarchy.md).
 
 SAE~_l is the perturbed reconstruction: each parent with children is substituted by its
 children with probability r (one draw per feature per step, design §3).
@@ -24,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from hsae.method.jumprelu import Step
+from hsae.method.jumprelu import Step, SupportStep
 
 if TYPE_CHECKING:
     from hsae.method.model import HSAE
@@ -129,6 +136,20 @@ def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent
     return diff.pow(2).sum((1, 2)).mean()
 
 
+# ---------------------------------------------------------------- support constraint (ours)
+
+
+def support_loss(pre_c: Tensor, theta_c: Tensor, a_p: Tensor, parent: Tensor, eps: float) -> Tensor:
+    """L_S for one pair of levels: mean over tokens of the number of linked children that
+    fire where their parent is silent, H(pi_j - theta_j) [a_p(j) = 0].
+
+    The parent's silence is a fact of this step, not a target (detached): the child is
+    the one that moves, through `SupportStep`'s window on both pi and theta."""
+    linked = parent >= 0
+    silent = (a_p.detach() == 0)[:, parent.clamp(min=0)] & linked
+    return (SupportStep.apply(pre_c, theta_c, eps) * silent).sum() / pre_c.shape[0]
+
+
 # ---------------------------------------------------------------- dead latents
 
 
@@ -165,6 +186,8 @@ class LossInputs:
     entries (hsae.method.losses_live): the reference the fast path is tested against."""
     capacity: list[int] | None = None
     """Live entries per level on a GPU (fixed sizes keep the step free of host syncs)."""
+    support: float = 0.0
+    """s: weight of the support constraint L_S, in units of the child level's lambda."""
 
 
 @dataclass
@@ -186,6 +209,8 @@ class LossOutput:
     """sum_l lambda_l L0_l, the sparsity term as it entered the loss (detached)."""
     ghost: Tensor | None = None
     """The ghost-grads term (detached; 0 while no latent is dead)."""
+    support: Tensor | None = None
+    """s sum_l lambda_l+1 L_S,l, the support term as it entered the loss (detached)."""
 
 
 def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
@@ -222,10 +247,17 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live)
             total = total + inp.rho * pc
             pcs.append(pc.detach())
+    support = x.new_zeros(())
+    if inp.support > 0:
+        for level, parent in enumerate(inp.parents):
+            theta = model.threshold[level + 1]
+            ls = support_loss(pres[level + 1], theta, acts[level], parent, model.bandwidth)
+            support = support + inp.support * inp.lambdas[level + 1] * ls
+        total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
     return LossOutput(
         total, torch.stack(l0s), torch.stack(fves), torch.stack(mses), pc_sum,
         fired=[(a > 0).any(0) for a in acts],
         dense_acts=lambda: [a.detach() for a in acts],
-        sparsity=sparsity.detach(), ghost=ghost,
+        sparsity=sparsity.detach(), ghost=ghost, support=support.detach(),
     )  # fmt: skip

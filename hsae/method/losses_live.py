@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hsae.method.jumprelu import JumpReLU, Step
+from hsae.method.jumprelu import JumpReLU, Step, SupportStep
 from hsae.method.losses import LossInputs, LossOutput, ghost_grad_loss, has_children
 
 if TYPE_CHECKING:
@@ -242,6 +242,19 @@ def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor)
     return (parent_term - 2 * cross + siblings) / p.batch
 
 
+def support_loss_live(p: Live, c: Live, parent: Tensor, theta_c: Tensor, eps: float) -> Tensor:
+    """L_S for one pair of levels (:func:`hsae.method.losses.support_loss`) from live
+    entries: every child entry whose step or window is nonzero is live."""
+    linked = parent >= 0
+    key = c.tok * p.n + parent.clamp(min=0)[c.feat]
+    parent_fires = _lookup(p.tok * p.n + p.feat, (p.act > 0).to(c.pre.dtype), key)
+    silent = linked[c.feat] & (parent_fires == 0)
+    if c.valid is not None:
+        silent = silent & c.valid
+    step = SupportStep.apply(c.pre, theta_c.index_select(0, c.feat), eps)
+    return (step * silent).sum() / c.batch
+
+
 def _lookup(keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
     """values[i] where keys[i] == query, else 0; keys ascending (entries are row-major)."""
     if keys.numel() == 0:
@@ -317,6 +330,13 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             pc = pc_loss_live(lives[level], lives[level + 1], W[level], W[level + 1], parent)
             total = total + inp.rho * pc
             pcs.append(pc.detach())
+    support = x.new_zeros(())
+    if inp.support > 0:
+        for level, parent in enumerate(inp.parents):
+            theta = model.threshold[level + 1]
+            ls = support_loss_live(lives[level], lives[level + 1], parent, theta, model.bandwidth)
+            support = support + inp.support * inp.lambdas[level + 1] * ls
+        total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
     dropped = [live.dropped for live in lives if live.dropped is not None]
     return LossOutput(
@@ -324,7 +344,7 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
         fired=[live.fired() for live in lives],
         dense_acts=lambda: [live.dense().detach() for live in lives],
         dropped=torch.stack(dropped).sum() if dropped else None,
-        sparsity=sparsity.detach(), ghost=ghost,
+        sparsity=sparsity.detach(), ghost=ghost, support=support.detach(),
     )  # fmt: skip
 
 

@@ -90,12 +90,14 @@ class HSAE(nn.Module):
         return loss(self, x, inputs)
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor, target_l0: float) -> None:
-        """b_dec = data mean; theta per feature so that each level starts at the target L0.
+    def init_from_data(self, x: Tensor, target_l0: float | list[float]) -> None:
+        """b_dec = data mean; theta per feature so that each level starts at the target L0
+        (one for all levels, or one per level).
 
         Starting every feature at the firing rate target_l0 / n_l spares the controller the
         long descent from L0 ~ n/2 that a constant initial threshold gives."""
-        for level, n in enumerate(self.sizes):
+        targets = target_l0 if isinstance(target_l0, list) else [target_l0] * self.n_levels
+        for level, (n, target_l0) in enumerate(zip(self.sizes, targets)):
             self.b_dec[level].copy_(x.mean(0))
             pre = self.pre_acts(x, level)
             q = 1.0 - target_l0 / n

@@ -150,8 +150,9 @@ class Trainer:
         self.hierarchy = Hierarchy(m, self.device)
         eta, momentum, lambda_step = t.controller_constants()
         self.controller = SparsityController(
-            len(m.sizes), m.target_l0, eta, momentum, t.lambda_init, lambda_step, self.device
-        )
+            len(m.sizes), m.target_l0, eta, momentum, t.lambda_init, lambda_step, self.device,
+            start_multiple=m.l0_start_multiple, steps=t.steps, sizes=m.sizes,
+        )  # fmt: skip
         self.opt = torch.optim.Adam(self.param_groups(), betas=(t.beta1, t.beta2))
         self.module: torch.nn.Module = self.model  # wrapped in DDP once initialised
         self.since_fired = [torch.zeros(n, dtype=torch.long, device=self.device) for n in m.sizes]
@@ -161,7 +162,8 @@ class Trainer:
         self.live_capacity = None  # the CPU takes exact live sets; a GPU fixed sizes (no sync)
         if self.device.type == "cuda":
             rows = math.ceil(t.batch_size / distributed.world_size())
-            self.live_capacity = [capacity_for(rows, n, m.target_l0) for n in m.sizes]
+            l0 = self.controller.target_at(0).tolist()  # the largest targets of the run
+            self.live_capacity = [capacity_for(rows, n, t) for n, t in zip(m.sizes, l0)]
 
     def param_groups(self) -> list[dict]:
         """The thresholds at threshold_lr, every other parameter at lr scaled to the run's
@@ -181,7 +183,8 @@ class Trainer:
         batches = distributed.global_batches(self.stream(0))
         scale, sample = estimate_scale(batches, self.cfg.train.scale_tokens)
         self.model.scale.fill_(scale)
-        self.model.init_from_data(sample.to(self.device) * scale, self.cfg.model.target_l0)
+        targets = self.controller.target_at(0).tolist()
+        self.model.init_from_data(sample.to(self.device) * scale, targets)
 
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT
@@ -277,7 +280,7 @@ class Trainer:
             dead = [s >= t.dead_after for s in self.since_fired]
         return LossInputs(
             self.hierarchy.parents, self.controller.lambdas, m.rho, substitution, dead,
-            dense=t.kernel == "dense", capacity=self.live_capacity,
+            dense=t.kernel == "dense", capacity=self.live_capacity, support=m.support,
         )  # fmt: skip
 
     def train_step(self, x_raw: Tensor) -> Tensor:
@@ -296,7 +299,7 @@ class Trainer:
         self.model.project_decoder_grads()
         self.opt.step()
         self.model.apply_constraints()
-        self.controller.update(distributed.mean(out.l0))  # replaces lambdas, leaves inputs'
+        self.controller.update(distributed.mean(out.l0), self.step)  # replaces lambdas, not inputs'
         self.last_lambdas = inputs.lambdas  # the ones this step's loss used, for the log
         self._track_firing(out.fired)
         if self.observe_due():  # co-activation or conditional rule: firing statistics
@@ -426,6 +429,7 @@ class Trainer:
             "sparsity": out.sparsity.item(),
             "pc": self.cfg.model.rho * out.pc.item(),
             "ghost": out.ghost.item(),
+            "support": out.support.item(),
             "l0": out.l0.tolist(),
             "fve": out.fve.tolist(),
             "lambda": self.last_lambdas.tolist(),

@@ -2,8 +2,8 @@
 
 One JSON object per logged step (every `TrainConfig.log_every` steps and the last):
 step, tokens, lr, the loss and its named terms (reconstruction, sparsity = sum_l lambda_l
-L0_l, pc = rho L_PC, ghost), and per level L0, FVE, lambda and the dead fraction, with the
-throughput since the previous line.
+L0_l, pc = rho L_PC, ghost, support = s sum_l lambda_l+1 L_S,l), and per level L0, FVE,
+lambda and the dead fraction, with the throughput since the previous line.
 
 Each line goes out in one write, flushed and fsynced, so a run killed at any moment leaves
 whole lines and at most one torn last line. A resumed run keeps the lines up to its
