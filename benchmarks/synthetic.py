@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hsae.config import HSAEConfig, RunConfig, TrainConfig
+from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.evaluation.metrics import evaluate_with_copies
 from hsae.interop.posthoc import link_levels
 from hsae.method.model import HSAE, unit_rows
@@ -402,8 +402,19 @@ def main() -> None:
         help="HSAEConfig fields for hsae and paper (one change to measure), e.g. support=1",
     )
     args = parser.parse_args()
-    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    fields = {f.name for f in dataclasses.fields(HSAEConfig)}
+    if bad := [kv for kv in args.set if "=" not in kv or kv.split("=", 1)[0] not in fields]:
+        parser.error(f"--set takes FIELD=VALUE with an HSAEConfig field, got {bad}")
+    try:
+        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+    except json.JSONDecodeError as err:
+        parser.error(f'--set values are JSON (1, 0.5, "paper"): {err}')
     size = SIZES[args.size]
+    try:  # a bad value stops here, not after minutes of other methods
+        check = HSAEConfig(sizes=size.levels, target_l0=size.target_l0)
+        dataclasses.replace(check, **overrides).validate()
+    except (ConfigError, TypeError) as err:
+        parser.error(f"--set: {err}")
     if args.steps:
         size.steps = args.steps
     synth = synthetic_model(size)
