@@ -158,8 +158,7 @@ def train_hsae(
     model_cfg = HSAEConfig(sizes=size.levels, target_l0=size.target_l0, update_every=every)
     if method == "paper":
         model_cfg = dataclasses.replace(model_cfg, method="paper")
-    model_cfg = dataclasses.replace(model_cfg, **(overrides or {}))
-    model_cfg.validate()
+    model_cfg = dataclasses.replace(model_cfg, **(overrides or {}))  # Trainer validates it
     cfg = RunConfig(
         model=model_cfg.baseline() if method == "baseline" else model_cfg,
         train=TrainConfig(steps=size.steps, seed=seed, checkpoint_every=0, progress=progress),

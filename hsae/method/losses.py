@@ -150,6 +150,17 @@ def support_loss(pre_c: Tensor, theta_c: Tensor, a_p: Tensor, parent: Tensor, ep
     return (SupportStep.apply(pre_c, theta_c, eps) * silent).sum() / pre_c.shape[0]
 
 
+def support_term(inp: LossInputs, l_s: Callable[[int, Tensor], Tensor], zero: Tensor) -> Tensor:
+    """s sum_l lambda_l+1 L_S,l, the term as it enters the loss, given L_S of each pair of
+    levels l, l+1 as l_s(l, parent_l) (dense or over live entries); zero when s = 0."""
+    if inp.support <= 0:
+        return zero
+    terms = [
+        inp.lambdas[level + 1] * l_s(level, parent) for level, parent in enumerate(inp.parents)
+    ]
+    return inp.support * torch.stack(terms).sum() if terms else zero
+
+
 # ---------------------------------------------------------------- dead latents
 
 
@@ -247,13 +258,10 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live)
             total = total + inp.rho * pc
             pcs.append(pc.detach())
-    support = x.new_zeros(())
-    if inp.support > 0:
-        for level, parent in enumerate(inp.parents):
-            theta = model.threshold[level + 1]
-            ls = support_loss(pres[level + 1], theta, acts[level], parent, model.bandwidth)
-            support = support + inp.support * inp.lambdas[level + 1] * ls
-        total = total + support
+    support = support_term(inp, lambda level, parent: support_loss(
+        pres[level + 1], model.threshold[level + 1], acts[level], parent, model.bandwidth
+    ), x.new_zeros(()))  # fmt: skip
+    total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
     return LossOutput(
         total, torch.stack(l0s), torch.stack(fves), torch.stack(mses), pc_sum,

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from hsae.method.jumprelu import JumpReLU, Step, SupportStep
-from hsae.method.losses import LossInputs, LossOutput, ghost_grad_loss, has_children
+from hsae.method.losses import (
+    LossInputs,
+    LossOutput,
+    ghost_grad_loss,
+    has_children,
+    support_term,
+)
 
 if TYPE_CHECKING:
     from hsae.method.model import HSAE
@@ -330,13 +336,10 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             pc = pc_loss_live(lives[level], lives[level + 1], W[level], W[level + 1], parent)
             total = total + inp.rho * pc
             pcs.append(pc.detach())
-    support = x.new_zeros(())
-    if inp.support > 0:
-        for level, parent in enumerate(inp.parents):
-            theta = model.threshold[level + 1]
-            ls = support_loss_live(lives[level], lives[level + 1], parent, theta, model.bandwidth)
-            support = support + inp.support * inp.lambdas[level + 1] * ls
-        total = total + support
+    support = support_term(inp, lambda level, parent: support_loss_live(
+        lives[level], lives[level + 1], parent, model.threshold[level + 1], model.bandwidth
+    ), x.new_zeros(()))  # fmt: skip
+    total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
     dropped = [live.dropped for live in lives if live.dropped is not None]
     return LossOutput(

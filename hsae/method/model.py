@@ -97,10 +97,10 @@ class HSAE(nn.Module):
         Starting every feature at the firing rate target_l0 / n_l spares the controller the
         long descent from L0 ~ n/2 that a constant initial threshold gives."""
         targets = target_l0 if isinstance(target_l0, list) else [target_l0] * self.n_levels
-        for level, (n, target_l0) in enumerate(zip(self.sizes, targets)):
+        for level, (n, target) in enumerate(zip(self.sizes, targets)):
             self.b_dec[level].copy_(x.mean(0))
             pre = self.pre_acts(x, level)
-            q = 1.0 - target_l0 / n
+            q = 1.0 - target / n
             theta = torch.quantile(pre, q, dim=0)
             # at least eps/2: the window below theta then holds positive pre-activations only
             floor = max(THRESHOLD_FLOOR, self.bandwidth / 2)

@@ -162,8 +162,8 @@ class Trainer:
         self.live_capacity = None  # the CPU takes exact live sets; a GPU fixed sizes (no sync)
         if self.device.type == "cuda":
             rows = math.ceil(t.batch_size / distributed.world_size())
-            l0 = self.controller.target_at(0).tolist()  # the largest targets of the run
-            self.live_capacity = [capacity_for(rows, n, t) for n, t in zip(m.sizes, l0)]
+            l0s = self.controller.target_at(0).tolist()  # the largest targets of the run
+            self.live_capacity = [capacity_for(rows, n, l0) for n, l0 in zip(m.sizes, l0s)]
 
     def param_groups(self) -> list[dict]:
         """The thresholds at threshold_lr, every other parameter at lr scaled to the run's
