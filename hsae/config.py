@@ -61,6 +61,13 @@ class HSAEConfig:
     """Weight of the parent-children constraint loss L_PC."""
     perturb_rate: float = 0.05
     """Rate r at which a parent with children is substituted by its children."""
+    nested: bool = False
+    """Nested levels (ours, Matryoshka-style): level l+1's first n_l features are level l's
+    own (shared parameters), and every level still reconstructs x from its features, so
+    the new ones fit what the coarser level leaves. Only the finest level's L0 is priced
+    and steered to target_l0; a coarser level fires the part of it that is its own. An
+    inherited feature carries no link: links join a new feature to the level above.
+    hsae.method.nested; measured in docs/hierarchy.md."""
     support: float = 0.0
     """Weight s of the support constraint L_S (ours, not the paper's): a linked child
     firing where its parent is silent pays (1 + s) times the L0 price. 0 turns it off."""
@@ -109,6 +116,11 @@ class HSAEConfig:
             raise ConfigError(f"sizes must be strictly increasing, got {list(self.sizes)}")
         if self.target_l0 <= 0 or self.target_l0 >= min(self.sizes):
             raise ConfigError(f"target_l0 must lie in (0, {min(self.sizes)}), got {self.target_l0}")
+        if self.nested and self.support > 0:
+            raise ConfigError(
+                "support and nested are not combined: with nesting only the "
+                "finest level's L0 is priced, which L_S's weight reads"
+            )
         if self.l0_start is not None and self.l0_start < 1:
             raise ConfigError(f"l0_start must be >= 1, got {self.l0_start}")
         for name in ("perturb_rate", "unassigned_quantile", "coact_momentum", "link_threshold"):
@@ -130,7 +142,7 @@ class HSAEConfig:
         by the paper's rule."""
         return dataclasses.replace(
             self, method="paper", similarity=None, l0_start=None, rho=0.0, perturb_rate=0.0,
-            support=0.0, links="posthoc",
+            support=0.0, nested=False, links="posthoc",
         )  # fmt: skip
 
 

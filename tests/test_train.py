@@ -110,8 +110,10 @@ def one_line(message: str) -> None:
         # Conditional counts are checkpoint state: a crash inside a counting window (steps
         # 28-30 count for the update at 30) must resume with the counts made before it.
         (dict(similarity="conditional", link_threshold=0.5), {}, 29),
+        # Nested levels: the coarser levels have no optimiser state of their own.
+        (dict(nested=True, link_threshold=0.5), {}, 25),
     ],
-    ids=["encoder-partial", "coactivation-ghosts", "decoder-fixed", "conditional"],
+    ids=["encoder-partial", "coactivation-ghosts", "decoder-fixed", "conditional", "nested"],
 )
 def test_resume_in_process_equals_straight_run(tmp_path, model, train, crash_at):
     n = 50

@@ -27,6 +27,7 @@ from hsae.method import distributed
 from hsae.method.copies import is_copy
 from hsae.method.losses import has_children
 from hsae.method.model import HSAE
+from hsae.method.nested import unlink_inherited
 
 
 def unlinked(sizes: tuple[int, ...], device: torch.device | str = "cpu") -> list[Tensor]:
@@ -213,6 +214,8 @@ class Hierarchy:
             coact = self.coact[level] if self.coact is not None else None
             S = similarity(model, level, self.cfg.link_rule, coact)
             self.parents[level] = assign_parents(S, self.cfg.tree, self.cfg.unassigned_quantile)
+        if self.cfg.nested:
+            unlink_inherited(self.parents, self.cfg.sizes)
         for counts in (self.both or []) + (self.fires or []):
             counts.zero_()  # the next update reads the tokens after this one
         self.frozen = self.cfg.tree == "fixed"

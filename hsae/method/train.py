@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hsae.config import ConfigError, RunConfig
-from hsae.method import checkpoint, distributed
+from hsae.method import checkpoint, distributed, nested
 from hsae.method.controller import SparsityController
 from hsae.method.hierarchy import COUNT_WINDOW, Hierarchy
 from hsae.method.losses import LossInputs, LossOutput, draw_substitution
@@ -155,6 +155,7 @@ class Trainer:
         )  # fmt: skip
         self.opt = torch.optim.Adam(self.param_groups(), betas=(t.beta1, t.beta2))
         self.module: torch.nn.Module = self.model  # wrapped in DDP once initialised
+        self.priced = nested.priced_levels(len(m.sizes), m.nested, self.device)
         self.since_fired = [torch.zeros(n, dtype=torch.long, device=self.device) for n in m.sizes]
         self.step = 0
         self.last: LossOutput | None = None  # the latest step's output, for the progress bar
@@ -185,6 +186,8 @@ class Trainer:
         self.model.scale.fill_(scale)
         targets = self.controller.target_at(0).tolist()
         self.model.init_from_data(sample.to(self.device) * scale, targets)
+        if self.cfg.model.nested:  # the coarser levels start as the finest level's prefix
+            nested.sync(self.model)
 
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT
@@ -279,7 +282,8 @@ class Trainer:
         if t.dead_latents == "ghost_grads":
             dead = [s >= t.dead_after for s in self.since_fired]
         return LossInputs(
-            self.hierarchy.parents, self.controller.lambdas, m.rho, substitution, dead,
+            self.hierarchy.parents, self.controller.lambdas * self.priced, m.rho, substitution,
+            dead,
             dense=t.kernel == "dense", capacity=self.live_capacity, support=m.support,
         )  # fmt: skip
 
@@ -296,9 +300,13 @@ class Trainer:
             out = self.module(x, inputs)
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
+        if self.cfg.model.nested:
+            nested.fold_grads(self.model)
         self.model.project_decoder_grads()
         self.opt.step()
         self.model.apply_constraints()
+        if self.cfg.model.nested:
+            nested.sync(self.model)
         self.controller.update(distributed.mean(out.l0), self.step)  # replaces lambdas, not inputs'
         self.last_lambdas = inputs.lambdas  # the ones this step's loss used, for the log
         self._track_firing(out.fired)
