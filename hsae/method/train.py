@@ -283,8 +283,7 @@ class Trainer:
             dead = [s >= t.dead_after for s in self.since_fired]
         return LossInputs(
             self.hierarchy.parents, self.controller.lambdas * self.priced, m.rho, substitution,
-            dead,
-            dense=t.kernel == "dense", capacity=self.live_capacity, support=m.support,
+            dead, dense=t.kernel == "dense", capacity=self.live_capacity, support=m.support,
         )  # fmt: skip
 
     def train_step(self, x_raw: Tensor) -> Tensor:
