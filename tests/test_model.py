@@ -20,7 +20,7 @@ from hsae.method.losses import (
     pc_loss_naive,
     perturbed_reconstruction,
 )
-from hsae.method.model import HSAE, THRESHOLD_FLOOR
+from hsae.method.model import HSAE, THRESHOLD_FLOOR, upper_quantile
 
 torch.set_num_threads(1)
 
@@ -565,3 +565,22 @@ def test_apply_constraints_unit_rows_positive_thresholds() -> None:
         assert (t > 0).all()
         assert torch.equal(t[tb > THRESHOLD_FLOOR], tb[tb > THRESHOLD_FLOOR])
         assert (t[tb <= THRESHOLD_FLOOR] == THRESHOLD_FLOOR).all()
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "q"),
+    [
+        (4096, 64, 1 - 12 / 64),
+        (1000, 7, 0.3),
+        (513, 3, 0.999),
+        (5, 2, 1.0),
+        (5, 2, 0.0),
+        (1, 3, 0.5),
+    ],
+)
+def test_upper_quantile_is_torch_quantile_bit_for_bit(rows: int, cols: int, q: float) -> None:
+    """init_from_data's thresholds must not move: runs (and the paper's figures) stay the
+    same whichever computes them. A third of the entries are rounded to make ties."""
+    x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
+    x[: rows // 3] = torch.round(x[: rows // 3] * 4) / 4
+    assert torch.equal(upper_quantile(x, q), torch.quantile(x, q, dim=0))

@@ -101,7 +101,7 @@ class HSAE(nn.Module):
             self.b_dec[level].copy_(x.mean(0))
             pre = self.pre_acts(x, level)
             q = 1.0 - target / n
-            theta = torch.quantile(pre, q, dim=0)
+            theta = upper_quantile(pre, q)
             # at least eps/2: the window below theta then holds positive pre-activations only
             floor = max(THRESHOLD_FLOOR, self.bandwidth / 2)
             self.threshold[level].copy_(theta.clamp(min=floor))
@@ -120,6 +120,22 @@ class HSAE(nn.Module):
             w.copy_(unit_rows(w))
         for theta in self.threshold:
             theta.clamp_(min=THRESHOLD_FLOOR)
+
+
+def upper_quantile(x: Tensor, q: float) -> Tensor:
+    """torch.quantile(x, q, dim=0) (linear interpolation), bit for bit, for q near 1.
+
+    torch.quantile sorts every column; only the order statistics at rank q (N - 1) and the
+    next are needed, the top N - floor(q (N - 1)) of each column. On the benchmark's
+    65,536 rows x 2,048 features that took 19 s against 1.7 s, a quarter of a 1,000-step
+    run. The rank is computed in x's dtype, as torch.quantile does, so the two agree
+    exactly (tests/test_model.py)."""
+    rows = x.shape[0]
+    rank = torch.tensor(q, dtype=x.dtype) * (rows - 1)
+    below = int(rank.floor())
+    top = torch.topk(x, rows - below, dim=0, largest=True, sorted=True).values
+    lower, upper = top[-1], top[-2] if top.shape[0] > 1 else top[-1]
+    return torch.lerp(lower, upper, (rank - below).to(x.device))
 
 
 def unit_rows(w: Tensor) -> Tensor:
