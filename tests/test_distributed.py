@@ -43,9 +43,11 @@ def planted_cache(directory, rows: int = 8192, shard_tokens: int = 256) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize("data", ["planted", "cache"])
+@pytest.mark.parametrize("data", ["planted", "cache", "nested"])
 def test_two_gloo_processes_match_one(tmp_path, subprocess_env, python_exe, data):
-    run = [*RUN, "--data", data, *TINY_FOREST_FLAGS]
+    run = [*RUN, "--data", "planted", *TINY_FOREST_FLAGS]
+    if data == "nested":  # nested levels fold the all-reduced gradients of shared features
+        run += ["--model.nested", "true"]
     if data == "cache":  # the same forest, drawn into a cache
         planted_cache(tmp_path / "cache")
         run = [*RUN, "--data", str(tmp_path / "cache")]
