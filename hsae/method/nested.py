@@ -19,29 +19,25 @@ One L0 is priced: the finest level's, which counts each feature once (`priced_le
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from hsae.method.model import HSAE
 
-Cut = Callable[[Tensor], Tensor]
+Index = tuple[slice, ...]
 
 
-def _shared(model: HSAE, level: int) -> list[tuple[Tensor, Tensor, Cut]]:
-    """(coarse parameter, owner parameter, the cut of the owner it equals) for every
+def _shared(model: HSAE, level: int) -> list[tuple[Tensor, Tensor, Index]]:
+    """(coarse parameter, owner parameter, the part of the owner it equals) for every
     parameter that level `level` shares with the finest level."""
     n, top = model.sizes[level], model.n_levels - 1
-    rows: Cut = lambda t: t[:n]  # noqa: E731
-    columns: Cut = lambda t: t[:, :n]  # noqa: E731
-    whole: Cut = lambda t: t  # noqa: E731
+    rows, columns = (slice(None, n),), (slice(None), slice(None, n))
     return [
         (model.W_dec[level], model.W_dec[top], rows),
         (model.W_enc[level], model.W_enc[top], columns),
         (model.b_enc[level], model.b_enc[top], rows),
         (model.threshold[level], model.threshold[top], rows),
-        (model.b_dec[level], model.b_dec[top], whole),
+        (model.b_dec[level], model.b_dec[top], ()),
     ]
 
 
@@ -49,12 +45,12 @@ def _shared(model: HSAE, level: int) -> list[tuple[Tensor, Tensor, Cut]]:
 def fold_grads(model: HSAE) -> None:
     """Add each coarser level's gradients to the finest level's prefix; drop them there."""
     for level in range(model.n_levels - 1):
-        for coarse, owner, cut in _shared(model, level):
+        for coarse, owner, part in _shared(model, level):
             if coarse.grad is None:
                 continue
             if owner.grad is None:
                 owner.grad = torch.zeros_like(owner)
-            cut(owner.grad).add_(coarse.grad)
+            owner.grad[part].add_(coarse.grad)
             coarse.grad = None
 
 
@@ -62,8 +58,8 @@ def fold_grads(model: HSAE) -> None:
 def sync(model: HSAE) -> None:
     """Every coarser level's parameters := the finest level's prefix (its shared features)."""
     for level in range(model.n_levels - 1):
-        for coarse, owner, cut in _shared(model, level):
-            coarse.copy_(cut(owner))
+        for coarse, owner, part in _shared(model, level):
+            coarse.copy_(owner[part])
 
 
 def priced_levels(n_levels: int, nested: bool, device: torch.device | str = "cpu") -> Tensor:
