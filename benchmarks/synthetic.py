@@ -401,19 +401,21 @@ def main() -> None:
         help="HSAEConfig fields for hsae and paper (one change to measure), e.g. support=1",
     )
     args = parser.parse_args()
-    fields = {f.name for f in dataclasses.fields(HSAEConfig)}
-    if bad := [kv for kv in args.set if "=" not in kv or kv.split("=", 1)[0] not in fields]:
-        parser.error(f"--set takes FIELD=VALUE with an HSAEConfig field, got {bad}")
+    if bad := [kv for kv in args.set if "=" not in kv]:
+        parser.error(f"--set takes FIELD=VALUE, got {bad}")
     try:
         overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     except json.JSONDecodeError as err:
-        parser.error(f'--set values are JSON (1, 0.5, "paper"): {err}')
+        parser.error(f'--set values are JSON (1, 0.5, true, "paper"): {err}')
     size = SIZES[args.size]
-    try:  # a bad value stops here, not after minutes of other methods
-        check = HSAEConfig(sizes=size.levels, target_l0=size.target_l0)
-        dataclasses.replace(check, **overrides).validate()
-    except (ConfigError, TypeError) as err:
+    try:  # the config's own reader: unknown fields, wrong types and bad values stop here,
+        # not after minutes of other methods
+        base = {"sizes": list(size.levels), "target_l0": size.target_l0}
+        checked = RunConfig.from_dict({"model": base | overrides})
+        checked.validate()
+    except ConfigError as err:
         parser.error(f"--set: {err}")
+    overrides = {k: getattr(checked.model, k) for k in overrides}
     if args.steps:
         size.steps = args.steps
     synth = synthetic_model(size)
