@@ -15,7 +15,10 @@ rows:
   GemmaScope 2), trained one after another on the same rows, linked post hoc by hsae's
   rule (`hsae posthoc`);
 - matryoshka: SAE Lens's Matryoshka BatchTopK SAE (widths = the level sizes, k = the
-  target L0), the hierarchy-aware peer; level l is its prefix of sizes[l] latents.
+  target L0), the hierarchy-aware peer; level l is its prefix of sizes[l] latents;
+- treesae: the Tree SAE (Cao et al. 2026; benchmarks/tree_sae.py): one TopK dictionary in
+  privilege layers of the level sizes' steps, a child firing only where its allocated
+  parent fires; level l is its prefix of layers 0..l, linked by the allocation.
 
 Per method: per level L0, FVE and dead fraction; true features recovered (cosine >= 0.9,
 per level and at any level) and MCC (`sae_lens.synthetic.mean_correlation_coefficient`);
@@ -40,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from tree_sae import TreeLevels, TreeSAEConfig
+from tree_sae import fit as fit_tree_sae
 
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.evaluation.metrics import evaluate_with_copies
@@ -253,7 +258,31 @@ def train_matryoshka(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
     return link_levels([level_weights(sae, n) for n in size.levels])
 
 
-PEERS = {"saelens": train_sae_lens, "matryoshka": train_matryoshka}
+def train_tree_sae(rows: Tensor, size: Size, seed: int) -> tuple[TreeLevels, list]:
+    """The Tree SAE (benchmarks/tree_sae.py): privilege layers of the level sizes' steps,
+    the L0 split over them in the ratio of the authors' 4-layer GPT-2 runs (21, 5, 4, 2 of
+    32), its allocation as the links."""
+    widths = [b - a for a, b in zip((0, *size.levels), size.levels)]
+    cfg = TreeSAEConfig(tuple(widths), k_split(size.target_l0, TREE_K_RATIO), size.steps)
+    sae, scale = fit_tree_sae(row_stream(rows), rows.shape[1], cfg, seed)
+    levels = TreeLevels(sae, scale)
+    return levels, levels.parents()
+
+
+TREE_K_RATIO = (21, 5, 4, 2)
+
+
+def k_split(total: float, ratio: tuple[int, ...]) -> tuple[int, ...]:
+    """round(total) split in `ratio` by largest remainders, at least 1 each."""
+    n = round(total)
+    exact = [n * r / sum(ratio) for r in ratio]
+    k = [max(1, int(e)) for e in exact]
+    for i in sorted(range(len(k)), key=lambda i: int(exact[i]) - exact[i])[: n - sum(k)]:
+        k[i] += 1
+    return tuple(k)
+
+
+PEERS = {"saelens": train_sae_lens, "matryoshka": train_matryoshka, "treesae": train_tree_sae}
 
 
 # ---------------------------------------------------------------- the measures
