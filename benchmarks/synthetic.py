@@ -259,27 +259,12 @@ def train_matryoshka(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
 
 
 def train_tree_sae(rows: Tensor, size: Size, seed: int) -> tuple[TreeLevels, list]:
-    """The Tree SAE (benchmarks/tree_sae.py): privilege layers of the level sizes' steps,
-    the L0 split over them in the ratio of the authors' 4-layer GPT-2 runs (21, 5, 4, 2 of
-    32), its allocation as the links."""
-    widths = [b - a for a, b in zip((0, *size.levels), size.levels)]
-    cfg = TreeSAEConfig(tuple(widths), k_split(size.target_l0, TREE_K_RATIO), size.steps)
+    """The Tree SAE (benchmarks/tree_sae.py), its layers' prefixes the level sizes, its
+    allocation as the links."""
+    cfg = TreeSAEConfig.for_levels(size.levels, size.target_l0, size.steps)
     sae, scale = fit_tree_sae(row_stream(rows), rows.shape[1], cfg, seed)
     levels = TreeLevels(sae, scale)
     return levels, levels.parents()
-
-
-TREE_K_RATIO = (21, 5, 4, 2)
-
-
-def k_split(total: float, ratio: tuple[int, ...]) -> tuple[int, ...]:
-    """round(total) split in `ratio` by largest remainders, at least 1 each."""
-    n = round(total)
-    exact = [n * r / sum(ratio) for r in ratio]
-    k = [max(1, int(e)) for e in exact]
-    for i in sorted(range(len(k)), key=lambda i: int(exact[i]) - exact[i])[: n - sum(k)]:
-        k[i] += 1
-    return tuple(k)
 
 
 PEERS = {"saelens": train_sae_lens, "matryoshka": train_matryoshka, "treesae": train_tree_sae}

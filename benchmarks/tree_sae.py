@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from hsae.method.model import unit_rows
+from hsae.method.model import drop_radial_grad, unit_rows
 from hsae.method.train import estimate_scale
 
 # The authors' schedule, in steps of their GPT-2 runs (500M tokens in steps of 5 x 1,024)
@@ -51,9 +51,29 @@ class TreeSAEConfig:
     auxk_coef: float = 1 / 32
     fire_threshold: float = 1e-3
 
+    @classmethod
+    def for_levels(cls, levels: tuple[int, ...], target_l0: float, steps: int) -> TreeSAEConfig:
+        """Privilege layers whose prefixes are the level sizes, the target L0 split over them
+        in the ratio of the authors' 4-layer GPT-2 runs."""
+        widths = tuple(b - a for a, b in zip((0, *levels), levels))
+        return cls(widths, k_split(target_l0, K_RATIO), steps)
+
     def share(self, gpt2_steps: int) -> int:
         """An authors' step count as the same share of this run."""
         return max(1, round(gpt2_steps * self.steps / GPT2_STEPS))
+
+
+K_RATIO = (21, 5, 4, 2)  # the authors' k per layer at L0 32
+
+
+def k_split(total: float, ratio: tuple[int, ...]) -> tuple[int, ...]:
+    """round(total) split in `ratio` by largest remainders, at least 1 each."""
+    n = round(total)
+    exact = [n * r / sum(ratio) for r in ratio]
+    k = [max(1, int(e)) for e in exact]
+    for i in sorted(range(len(k)), key=lambda i: int(exact[i]) - exact[i])[: n - sum(k)]:
+        k[i] += 1
+    return tuple(k)
 
 
 class TreeSAE(nn.Module):
@@ -220,10 +240,8 @@ def fit(batches, d_in: int, cfg: TreeSAEConfig, seed: int) -> tuple[TreeSAE, flo
         loss, latents = sae.loss(x)
         opt.zero_grad()
         loss.backward()
-        with torch.no_grad():  # unit decoder rows; no gradient along them
-            sae.W_dec.data = unit_rows(sae.W_dec.data)
-            g = sae.W_dec.grad
-            g -= (g * sae.W_dec).sum(1, keepdim=True) * sae.W_dec
+        sae.W_dec.data = unit_rows(sae.W_dec.data)  # as the authors: before the step
+        drop_radial_grad(sae.W_dec)
         opt.step()
         fired = (latents > cfg.fire_threshold).any(0)
         sae.since_fired = torch.where(fired, 0, sae.since_fired + 1)

@@ -85,3 +85,10 @@ def test_levels_link_each_new_feature_to_its_allocated_parent():
     assert levels.sizes == (4, 8)
     (parent,) = levels.parents()
     assert parent.tolist() == [-1, -1, -1, -1, 0, -1, 2, 3]
+
+
+def test_layers_for_the_benchmark_levels_split_the_l0_in_the_authors_ratio():
+    cfg = TreeSAEConfig.for_levels((256, 512, 1024, 2048), target_l0=12, steps=1000)
+    assert cfg.features_per_layer == (256, 256, 512, 1024)
+    assert cfg.k_per_layer == (8, 2, 1, 1)  # 12 * (21, 5, 4, 2) / 32 = 7.9, 1.9, 1.5, 0.75
+    assert TreeSAEConfig.for_levels((1, 2, 3, 4), 32, 10).k_per_layer == (21, 5, 4, 2)

@@ -110,8 +110,7 @@ class HSAE(nn.Module):
     def project_decoder_grads(self) -> None:
         """Drop the radial part of each decoder row's gradient: rows are kept unit norm."""
         for w in self.W_dec:
-            if w.grad is not None:
-                w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
+            drop_radial_grad(w)
 
     @torch.no_grad()
     def apply_constraints(self) -> None:
@@ -136,6 +135,13 @@ def upper_quantile(x: Tensor, q: float) -> Tensor:
     top = torch.topk(x, rows - below, dim=0, largest=True, sorted=True).values
     lower, upper = top[-1], top[-2] if top.shape[0] > 1 else top[-1]
     return torch.lerp(lower, upper, (rank - below).to(x.device))
+
+
+@torch.no_grad()
+def drop_radial_grad(w: Tensor) -> None:
+    """Remove from each unit row's gradient its part along the row (if it has a gradient)."""
+    if w.grad is not None:
+        w.grad -= (w.grad * w).sum(-1, keepdim=True) * w
 
 
 def unit_rows(w: Tensor) -> Tensor:
