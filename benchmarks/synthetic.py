@@ -16,6 +16,9 @@ rows:
   rule (`hsae posthoc`);
 - matryoshka: SAE Lens's Matryoshka BatchTopK SAE (widths = the level sizes, k = the
   target L0), the hierarchy-aware peer; level l is its prefix of sizes[l] latents;
+- mp: SAE Lens's Matching Pursuit SAEs (Costa et al. 2025), one per level size: a tied
+  dictionary whose encoder picks at most target-L0 latents greedily from the residual;
+  linked post hoc by decoder cosine (their encoder is the decoder's transpose);
 - treesae: the Tree SAE (Cao et al. 2026; benchmarks/tree_sae.py): one TopK dictionary in
   privilege layers of the level sizes' steps, a child firing only where its allocated
   parent fires; level l is its prefix of layers 0..l, linked by the allocation.
@@ -92,6 +95,8 @@ BATCH = 1024
 JUMPRELU_LR = 3e-3
 """At SAE Lens's default 3e-4 a 1k-step JumpReLU run leaves L0 near 140 (the threshold
 moves too little from its 0.01 start); 3e-3 reaches the target (measured, seed 0)."""
+PURSUIT_LR = 3e-3
+"""Measured at 1,024 latents, seed 0: see RESULTS.md (the Matching Pursuit peer)."""
 MATRYOSHKA_LR = 3e-3
 """SAE Lens's default 3e-4 trained worse at 1k steps: FVE 0.544-0.614 per level and 2 true
 features recovered, against 0.645-0.732 and 63 at 3e-3 (measured, seed 0)."""
@@ -258,6 +263,54 @@ def train_matryoshka(rows: Tensor, size: Size, seed: int) -> tuple[HSAE, list]:
     return link_levels([level_weights(sae, n) for n in size.levels])
 
 
+class PursuitLevels:
+    """SAE Lens Matching Pursuit SAEs read as the benchmark's levels: each level encodes
+    with its own pursuit (no JumpReLU form exists) and reads raw rows (scale 1)."""
+
+    def __init__(self, saes: list):
+        self.saes, self.scale = saes, torch.tensor(1.0)
+        self.sizes = tuple(sae.cfg.d_sae for sae in saes)
+        self.W_dec = [sae.W_dec.detach() for sae in saes]
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        return [sae.encode(x) for sae in self.saes]
+
+    def decode(self, acts: Tensor, level: int) -> Tensor:
+        return self.saes[level].decode(acts)
+
+
+def tied_level(sae) -> LevelWeights:
+    """A Matching Pursuit SAE's dictionary as a level for the post-hoc links, which read
+    only its rows (encoder = decoder transpose)."""
+    w, zero = sae.W_dec.detach(), torch.zeros(sae.cfg.d_sae)
+    return LevelWeights(W_enc=w.T, b_enc=zero, W_dec=w, b_dec=sae.b_dec.detach(), threshold=zero)
+
+
+def train_pursuit(rows: Tensor, size: Size, seed: int) -> tuple[PursuitLevels, list]:
+    """SAE Lens Matching Pursuit SAEs, one per level size, at most target-L0 pursuit steps
+    (a step that adds no new latent ends the pursuit), linked post hoc by decoder cosine."""
+    from sae_lens.saes.matching_pursuit_sae import (
+        MatchingPursuitTrainingSAE,
+        MatchingPursuitTrainingSAEConfig,
+    )
+
+    saes = []
+    for n in size.levels:
+        torch.manual_seed(seed)
+        cfg = MatchingPursuitTrainingSAEConfig(
+            d_in=rows.shape[1],
+            d_sae=n,
+            max_iterations=math.ceil(size.target_l0),
+            residual_threshold=0.0,
+            normalize_activations="expected_average_only_in",
+        )
+        sae = MatchingPursuitTrainingSAE(cfg)
+        fit_sae_lens(sae, rows, size, PURSUIT_LR)
+        saes.append(sae.eval())
+    _, parents = link_levels([tied_level(sae) for sae in saes], similarity="decoder")
+    return PursuitLevels(saes), parents
+
+
 def train_tree_sae(rows: Tensor, size: Size, seed: int) -> tuple[TreeLevels, list]:
     """The Tree SAE (benchmarks/tree_sae.py), its layers' prefixes the level sizes, its
     allocation as the links."""
@@ -267,7 +320,12 @@ def train_tree_sae(rows: Tensor, size: Size, seed: int) -> tuple[TreeLevels, lis
     return levels, levels.parents()
 
 
-PEERS = {"saelens": train_sae_lens, "matryoshka": train_matryoshka, "treesae": train_tree_sae}
+PEERS = {
+    "saelens": train_sae_lens,
+    "matryoshka": train_matryoshka,
+    "mp": train_pursuit,
+    "treesae": train_tree_sae,
+}
 
 
 # ---------------------------------------------------------------- the measures
