@@ -286,27 +286,30 @@ def tied_level(sae) -> LevelWeights:
     return LevelWeights(W_enc=w.T, b_enc=zero, W_dec=w, b_dec=sae.b_dec.detach(), threshold=zero)
 
 
-def train_pursuit(rows: Tensor, size: Size, seed: int) -> tuple[PursuitLevels, list]:
-    """SAE Lens Matching Pursuit SAEs, one per level size, at most target-L0 pursuit steps
-    (a step that adds no new latent ends the pursuit), linked post hoc by decoder cosine."""
+def fit_pursuit(rows: Tensor, size: Size, n: int, seed: int):
+    """One SAE Lens Matching Pursuit SAE of n latents, at most target-L0 pursuit steps (a
+    step that adds no new latent ends the pursuit)."""
     from sae_lens.saes.matching_pursuit_sae import (
         MatchingPursuitTrainingSAE,
         MatchingPursuitTrainingSAEConfig,
     )
 
-    saes = []
-    for n in size.levels:
-        torch.manual_seed(seed)
-        cfg = MatchingPursuitTrainingSAEConfig(
-            d_in=rows.shape[1],
-            d_sae=n,
-            max_iterations=math.ceil(size.target_l0),
-            residual_threshold=0.0,
-            normalize_activations="expected_average_only_in",
-        )
-        sae = MatchingPursuitTrainingSAE(cfg)
-        fit_sae_lens(sae, rows, size, PURSUIT_LR)
-        saes.append(sae.eval())
+    torch.manual_seed(seed)
+    cfg = MatchingPursuitTrainingSAEConfig(
+        d_in=rows.shape[1],
+        d_sae=n,
+        max_iterations=math.ceil(size.target_l0),
+        residual_threshold=0.0,
+        normalize_activations="expected_average_only_in",
+    )
+    sae = MatchingPursuitTrainingSAE(cfg)
+    fit_sae_lens(sae, rows, size, PURSUIT_LR)
+    return sae.eval()
+
+
+def train_pursuit(rows: Tensor, size: Size, seed: int) -> tuple[PursuitLevels, list]:
+    """Matching Pursuit SAEs, one per level size, linked post hoc by decoder cosine."""
+    saes = [fit_pursuit(rows, size, n, seed) for n in size.levels]
     _, parents = link_levels([tied_level(sae) for sae in saes], similarity="decoder")
     return PursuitLevels(saes), parents
 
@@ -420,7 +423,7 @@ def edge_scores(matches: list[Tensor], parents: list, truth: Tensor) -> dict:
     n_true = int((truth >= 0).sum())
     return {
         "recall": len(found) / n_true if n_true else math.nan,
-        "precision": ancestral / judged if judged else math.nan,
+        "precision": ancestral / judged if judged else None,  # no link to judge
         "judged_links": judged,
     }
 
@@ -447,7 +450,8 @@ def row(name: str, r: dict) -> str:
         f" P(p|c) {r['noncopy']['p_parent_given_child']:.3f}"
         f" P(c|p) {r['noncopy']['p_child_given_parent']:.3f}"
         f" | recall {r['recall']:.3f} (ceiling {r['recall_ceiling']:.3f})"
-        f" precision {r['precision']:.3f} ({r['judged_links']})"
+        f" precision {'n/a' if r['precision'] is None else format(r['precision'], '.3f')}"
+        f" ({r['judged_links']})"
         f" | recovered by kind {r['recovered_by_kind']} | {r['seconds']:.0f} s"
     )
 
