@@ -5,7 +5,7 @@ is exactly the sum of its active features' directions, so the planted code recon
 it perfectly, but only at the row's own L0, which has a long tail (whole trees fire
 together). Encoders with a per-row budget (TopK, the Tree SAE's layers, a pursuit of at
 most k steps) cannot pay that on the heavy rows; a dictionary of tree composites can.
-This prints, for budgets k, the held-out FVE of:
+This prints, for budgets k, the FVE on fresh rows of:
 - the true code cut to k features per row (magnitudes exact);
 - the planted dictionary under matching pursuit restricted to the true support;
 - the planted dictionary under plain matching pursuit (SAE Lens's encoder);
@@ -35,9 +35,9 @@ BUDGETS = (4, 8, 12, 16)
 
 
 def pursuit(x: Tensor, dictionary: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
-    """At most k greedy steps, each adding the allowed row with the largest positive inner
-    product with the residual. As SAE Lens's `stop_on_duplicate_support`: a step that adds
-    no new row to the support is the row's last (its value still counts)."""
+    """At most k greedy steps, each adding the allowed dictionary row with the largest
+    positive inner product with the residual. As SAE Lens's `stop_on_duplicate_support`:
+    a step that adds no new row to the support is the row's last (its value still counts)."""
     rows = torch.arange(x.shape[0])
     residual, acts = x.clone(), torch.zeros(x.shape[0], dictionary.shape[0])
     done = torch.zeros(x.shape[0], dtype=torch.bool)
@@ -65,8 +65,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--learned", type=int, nargs="*", default=[], metavar="N")
     parser.add_argument("--seed", type=int, default=0, help="the learned SAE's seed")
-    parser.add_argument("--rows", type=int, default=16384, help="held-out rows measured")
+    parser.add_argument("--rows", type=int, default=16384, help="fresh rows measured")
     args = parser.parse_args()
+    if args.rows < 2 or any(n < 1 for n in args.learned):
+        parser.error("--rows takes at least 2 rows and --learned sizes of at least 1 latent")
     size = SIZES["cpu"]
     synth = synthetic_model(size)
     directions = synth.feature_dict.feature_vectors.detach().float()
