@@ -31,6 +31,8 @@ from synthetic import (
 )
 from torch import Tensor
 
+from hsae.evaluation.metrics import LevelStats
+
 BUDGETS = (4, 8, 12, 16)
 
 
@@ -75,27 +77,23 @@ def main() -> None:
     bias = synth.feature_dict.bias.detach().float()
     torch.manual_seed(size.steps)  # fresh rows, drawn apart from the benchmark's
     x, code = (t.float() for t in synth.sample_with_features(args.rows))
-    total = (x - x.mean(0)).pow(2).sum()
-
-    def fve(x_hat: Tensor) -> float:
-        return 1 - float((x - x_hat).pow(2).sum() / total)
 
     def show(name: str, acts_at: dict[int, Tensor], decode) -> None:
-        cells = [
-            f"k {k}: L0 {a.gt(0).sum(1).float().mean():.1f} FVE {fve(decode(a)):.3f}"
-            for k, a in acts_at.items()
-        ]
+        cells = []
+        for k, acts in acts_at.items():
+            r = level_result(x, acts, decode(acts))
+            cells.append(f"k {k}: L0 {r['l0']:.1f} FVE {r['fve']:.3f}")
         print(f"{name:<44}" + " | ".join(cells), flush=True)
+
+    def planted(acts: Tensor) -> Tensor:
+        return acts @ directions + bias
 
     l0 = code.gt(0).sum(1).float()
     print(
         f"true code: L0 mean {l0.mean():.1f}, median {l0.median():.0f}, 90th percentile "
-        f"{l0.quantile(0.9):.0f}, max {l0.max():.0f}; FVE {fve(code @ directions + bias):.4f}"
+        f"{l0.quantile(0.9):.0f}, max {l0.max():.0f}; "
+        f"FVE {level_result(x, code, planted(code))['fve']:.4f}"
     )
-
-    def planted(a: Tensor) -> Tensor:
-        return a @ directions + bias
-
     with torch.no_grad():
         show("true code cut to k per row", {k: first_k(code, k) for k in BUDGETS}, planted)
         support = code > 0
@@ -105,21 +103,28 @@ def main() -> None:
             planted,
         )
         show("planted, pursuit", {k: pursuit(x - bias, directions, k) for k in BUDGETS}, planted)
+    if args.learned:
+        rows = draw_rows(synth, size.steps * BATCH + EVAL_ROWS)[:-EVAL_ROWS]
     for n in args.learned:
-        show(f"learned Matching Pursuit SAE, {n} latents", *trained_pursuit(n, args.seed, x))
+        sae = fit_pursuit(rows, size, n, args.seed)
+        show(f"learned Matching Pursuit SAE, {n} latents", pursuit_codes(sae, x), sae.decode)
 
 
-def trained_pursuit(n: int, seed: int, x: Tensor):
-    """The benchmark's `mp` peer at one size, and its codes of x at each budget."""
-    size = SIZES["cpu"]
-    rows = draw_rows(synthetic_model(size), size.steps * BATCH + EVAL_ROWS)[:-EVAL_ROWS]
-    sae = fit_pursuit(rows, size, n, seed)
+def level_result(x: Tensor, acts: Tensor, recon: Tensor) -> dict:
+    """L0 and FVE as every hsae report computes them (LevelStats)."""
+    stats = LevelStats(acts.shape[1])
+    stats.update(x, acts, recon)
+    return stats.result()
+
+
+def pursuit_codes(sae, x: Tensor) -> dict[int, Tensor]:
+    """A trained Matching Pursuit SAE's codes of x at each budget."""
     codes = {}
     with torch.no_grad():
         for k in BUDGETS:
             sae.cfg.max_iterations = k
             codes[k] = sae.encode(x)
-    return codes, sae.decode
+    return codes
 
 
 if __name__ == "__main__":

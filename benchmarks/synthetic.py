@@ -41,6 +41,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -52,6 +53,7 @@ from tree_sae import fit as fit_tree_sae
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.evaluation.metrics import evaluate_with_copies
 from hsae.interop.posthoc import link_levels
+from hsae.io import atomic_write_json
 from hsae.method.model import HSAE, unit_rows
 from hsae.method.train import Trainer
 from hsae.trained_dir import LevelWeights
@@ -477,6 +479,8 @@ def main() -> None:
         help="HSAEConfig fields for hsae and paper (one change to measure), e.g. support=1",
     )
     args = parser.parse_args()
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        parser.error(f"--json: no folder for {args.json}")
     if bad := [kv for kv in args.set if "=" not in kv]:
         parser.error(f"--set takes FIELD=VALUE, got {bad}")
     try:
@@ -519,8 +523,7 @@ def main() -> None:
             reports[f"{method}/{seed}"] = report
             print(row(f"{method} s{seed}", report), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(reports, f, indent=1, default=float)
+        atomic_write_json(args.json, reports)
 
 
 if __name__ == "__main__":
