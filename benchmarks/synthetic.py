@@ -31,6 +31,7 @@ recall ceiling (pairs whose two ends are learned at adjacent levels); true featu
 recovered by their place in the forest (roots, inner nodes, leaves, independents); seconds.
 
     python benchmarks/synthetic.py --seeds 0 1 2          # CPU size, minutes here
+    python benchmarks/synthetic.py --size cpu-ssb --methods hsae saelens  # its recipe, CPU
     python benchmarks/synthetic.py --size synthsaebench16k  # SAE Lens's 16k benchmark (GPU)
     python benchmarks/synthetic.py --methods hsae --set support=1  # one change to hsae
 """
@@ -73,6 +74,10 @@ class Size:
     magnitude_std: float = 0.0
     """Std of an active feature's magnitude (mean 1). SAE Lens's default 0 makes every
     magnitude exactly 1."""
+    published: bool = False
+    """SAE Lens's published SynthSAEBench-16k recipe for everything but the sizes above:
+    its Zipf rates, magnitudes, correlation, orthogonalisation, bias, children scaled by
+    their parent (`published_settings`). Off: the generator's defaults."""
 
 
 SIZES = {
@@ -89,9 +94,15 @@ SIZES = {
     # reconstructed exactly by one latent for their sum, so no SAE objective prefers the
     # planted features to such combinations.
     "cpu-var": Size(1024, 256, 48, (2, 4), 2, 0.0, (256, 512, 1024, 2048), 12, 1000, 0.11),
+    # SynthSAEBench-16k's recipe at the CPU size: 1,024 features in d = 256, 8 trees of
+    # branching 4 and depth 3 (680 nodes), mutually exclusive children; a child fires on a
+    # median 24 % of its parent's tokens (82 % in "cpu"); true L0 about 7.3.
+    "cpu-ssb": Size(1024, 256, 8, 4, 3, 1.0, (256, 512, 1024, 2048), 7, 1000, published=True),
     # SAE Lens's SynthSAEBench-16k: 16,384 features, d = 768, 128 roots, branching 4,
-    # depth 3, mutually exclusive children.
-    "synthsaebench16k": Size(16384, 768, 128, 4, 3, 1.0, (2048, 4096, 8192, 16384), 25, 20000),
+    # depth 3, mutually exclusive children, its published recipe.
+    "synthsaebench16k": Size(
+        16384, 768, 128, 4, 3, 1.0, (2048, 4096, 8192, 16384), 25, 20000, published=True
+    ),
 }
 BATCH = 1024
 JUMPRELU_LR = 3e-3
@@ -115,22 +126,52 @@ def synthetic_model(size: Size):
         ZipfianFiringProbabilityConfig,
     )
 
+    published = published_settings() if size.published else {}
     hierarchy = HierarchyConfig(
         total_root_nodes=size.roots,
         branching_factor=size.branching,
         max_depth=size.depth,
         mutually_exclusive_portion=size.mutually_exclusive,
         compensate_probabilities=True,
+        scale_children_by_parent=size.published,
     )
+    settings = {
+        "firing_probability": ZipfianFiringProbabilityConfig(),
+        "std_firing_magnitudes": size.magnitude_std,
+    } | published
     cfg = SyntheticModelConfig(
         num_features=size.num_features,
         hidden_dim=size.hidden_dim,
         hierarchy=hierarchy,
-        firing_probability=ZipfianFiringProbabilityConfig(),
-        std_firing_magnitudes=size.magnitude_std,
         seed=DATA_SEED,
+        **settings,
     )
     return SyntheticModel(cfg)
+
+
+def published_settings() -> dict:
+    """SynthSAEBench-16k's generator settings beyond its sizes, as SAE Lens's script that
+    creates the benchmark model sets them (Chanin & Garriga-Alonso 2026)."""
+    from sae_lens.synthetic import ZipfianFiringProbabilityConfig
+    from sae_lens.synthetic.firing_magnitudes import (
+        FoldedNormalMagnitudeConfig,
+        LinearMagnitudeConfig,
+    )
+    from sae_lens.synthetic.synthetic_model import (
+        LowRankCorrelationConfig,
+        OrthogonalizationConfig,
+    )
+
+    return {
+        "firing_probability": ZipfianFiringProbabilityConfig(
+            max_prob=0.4, min_prob=5e-4, exponent=0.5
+        ),
+        "mean_firing_magnitudes": LinearMagnitudeConfig(start=5.0, end=4.0),
+        "std_firing_magnitudes": FoldedNormalMagnitudeConfig(mean=0.5, std=0.5),
+        "correlation": LowRankCorrelationConfig(correlation_scale=0.1, rank=25),
+        "orthogonalization": OrthogonalizationConfig(num_steps=100, lr=3e-4),
+        "bias": 0.5,
+    }
 
 
 def true_parents(model) -> Tensor:
@@ -164,6 +205,7 @@ def train_hsae(
     method: str,
     progress: bool = False,
     overrides: dict | None = None,
+    train_overrides: dict | None = None,
 ) -> tuple[HSAE, list]:
     # the paper links every 5,000 of 100k steps: the same share of this run
     every = max(1, size.steps // 20)
@@ -173,7 +215,13 @@ def train_hsae(
     model_cfg = dataclasses.replace(model_cfg, **(overrides or {}))  # Trainer validates it
     cfg = RunConfig(
         model=model_cfg.baseline() if method == "baseline" else model_cfg,
-        train=TrainConfig(steps=size.steps, seed=seed, checkpoint_every=0, progress=progress),
+        train=TrainConfig(
+            steps=size.steps,
+            seed=seed,
+            checkpoint_every=0,
+            progress=progress,
+            **(train_overrides or {}),
+        ),
     )
     trainer = Trainer(cfg, rows.shape[1], row_stream(rows), "/tmp/hsae-synthetic")
     result = trainer.fit()
@@ -476,7 +524,8 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="FIELD=VALUE",
-        help="HSAEConfig fields for hsae and paper (one change to measure), e.g. support=1",
+        help="HSAEConfig fields for hsae and paper (one change to measure), e.g. support=1;"
+        " TrainConfig fields with a train. prefix, e.g. train.beta2=0.999",
     )
     args = parser.parse_args()
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
@@ -484,18 +533,25 @@ def main() -> None:
     if bad := [kv for kv in args.set if "=" not in kv]:
         parser.error(f"--set takes FIELD=VALUE, got {bad}")
     try:
-        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+        given = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     except json.JSONDecodeError as err:
         parser.error(f'--set values are JSON (1, 0.5, true, "paper"): {err}')
+    overrides = {k: v for k, v in given.items() if not k.startswith("train.")}
+    train_overrides = {
+        k.removeprefix("train."): v for k, v in given.items() if k.startswith("train.")
+    }
+    if fixed := sorted(set(train_overrides) & {"steps", "seed", "checkpoint_every", "progress"}):
+        parser.error(f"--set: {fixed} are set by the benchmark (--steps, --seeds, --progress)")
     size = SIZES[args.size]
     try:  # the config's own reader: unknown fields, wrong types and bad values stop here,
         # not after minutes of other methods
         base = {"sizes": list(size.levels), "target_l0": size.target_l0}
-        checked = RunConfig.from_dict({"model": base | overrides})
+        checked = RunConfig.from_dict({"model": base | overrides, "train": train_overrides})
         checked.validate()
     except ConfigError as err:
         parser.error(f"--set: {err}")
     overrides = {k: getattr(checked.model, k) for k in overrides}
+    train_overrides = {k: getattr(checked.train, k) for k in train_overrides}
     if args.steps:
         size.steps = args.steps
     synth = synthetic_model(size)
@@ -516,7 +572,7 @@ def main() -> None:
                 model, parents = PEERS[method](train_rows, size, seed)
             else:
                 model, parents = train_hsae(
-                    train_rows, size, seed, method, args.progress, overrides
+                    train_rows, size, seed, method, args.progress, overrides, train_overrides
                 )
             seconds = time.perf_counter() - started
             report = measure(model, parents, eval_rows, gt, truth) | {"seconds": seconds}
