@@ -53,6 +53,7 @@ from tree_sae import fit as fit_tree_sae
 
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.evaluation.metrics import evaluate_with_copies
+from hsae.flags import section_overrides
 from hsae.interop.posthoc import link_levels
 from hsae.io import atomic_write_json
 from hsae.method.model import HSAE, unit_rows
@@ -537,9 +538,7 @@ def main() -> None:
     except json.JSONDecodeError as err:
         parser.error(f'--set values are JSON (1, 0.5, true, "paper"): {err}')
     overrides = {k: v for k, v in given.items() if not k.startswith("train.")}
-    train_overrides = {
-        k.removeprefix("train."): v for k, v in given.items() if k.startswith("train.")
-    }
+    train_overrides = section_overrides(argparse.Namespace(**given), "train")
     if fixed := sorted(set(train_overrides) & {"steps", "seed", "checkpoint_every", "progress"}):
         parser.error(f"--set: {fixed} are set by the benchmark (--steps, --seeds, --progress)")
     size = SIZES[args.size]
