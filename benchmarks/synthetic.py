@@ -23,6 +23,10 @@ rows:
   privilege layers of the level sizes' steps, a child firing only where its allocated
   parent fires; level l is its prefix of layers 0..l, linked by the allocation.
 
+`--peer-links conditional specific` adds a row per rule in which saelens, matryoshka and mp
+are linked again by hsae's conditional rule (`hsae.interop.posthoc.link_by_firing`, their
+firing on 262,144 training rows), with parent_pick likely or specific.
+
 Per method: per level L0, FVE and dead fraction; true features recovered (cosine >= 0.9,
 per level and at any level) and MCC (`sae_lens.synthetic.mean_correlation_coefficient`);
 the paper's three measures, the copy share and the three over non-copy links
@@ -34,6 +38,7 @@ recovered by their place in the forest (roots, inner nodes, leaves, independents
     python benchmarks/synthetic.py --size cpu-ssb --methods hsae saelens  # its recipe, CPU
     python benchmarks/synthetic.py --size synthsaebench16k  # SAE Lens's 16k benchmark (GPU)
     python benchmarks/synthetic.py --methods hsae --set support=1  # one change to hsae
+    python benchmarks/synthetic.py --size cpu-ssb --methods saelens --peer-links own specific
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from tree_sae import fit as fit_tree_sae
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.evaluation.metrics import evaluate_with_copies
 from hsae.flags import section_overrides
-from hsae.interop.posthoc import link_levels
+from hsae.interop.posthoc import link_by_firing, link_levels
 from hsae.io import atomic_write_json
 from hsae.method.model import HSAE, unit_rows
 from hsae.method.train import Trainer
@@ -326,6 +331,9 @@ class PursuitLevels:
     def encode(self, x: Tensor) -> list[Tensor]:
         return [sae.encode(x) for sae in self.saes]
 
+    def encode_raw(self, x: Tensor) -> list[Tensor]:
+        return self.encode(x)
+
     def decode(self, acts: Tensor, level: int) -> Tensor:
         return self.saes[level].decode(acts)
 
@@ -380,6 +388,22 @@ PEERS = {
     "mp": train_pursuit,
     "treesae": train_tree_sae,
 }
+RELINKABLE = ("saelens", "matryoshka", "mp")
+"""Peers linked post hoc, which --peer-links can link again by hsae's conditional rule (the
+Tree SAE's links are its allocation, part of what it trains)."""
+PEER_LINKS = {"conditional": "likely", "specific": "specific"}
+"""--peer-links values beyond `own` (the peer's own post-hoc rule): hsae's conditional
+rule with its parent_pick."""
+LINK_ROWS = 262_144
+"""Training rows whose firing the conditional rule counts for a peer's post-hoc links."""
+
+
+def peer_links(model, parents: list, rows: Tensor, links: str) -> list:
+    """The peer's own links, or its levels linked again by hsae's conditional rule."""
+    if links == "own":
+        return parents
+    batches = (rows[i : i + 4096] for i in range(0, min(LINK_ROWS, rows.shape[0]), 4096))
+    return link_by_firing(model, batches, PEER_LINKS[links])
 
 
 # ---------------------------------------------------------------- the measures
@@ -518,6 +542,14 @@ def main() -> None:
         choices=["hsae", "paper", "baseline", *PEERS],
         default=["hsae", "paper", "baseline", *PEERS],
     )
+    parser.add_argument(
+        "--peer-links",
+        nargs="+",
+        choices=["own", *PEER_LINKS],
+        default=["own"],
+        help=f"how {', '.join(RELINKABLE)} are linked, one row each: own (their post-hoc rule), "
+        "conditional (hsae's rule), specific (hsae's rule, parent_pick=specific)",
+    )
     parser.add_argument("--json", default=None, help="also write every report here")
     parser.add_argument("--progress", action="store_true", help="hsae's progress bars")
     parser.add_argument(
@@ -574,9 +606,12 @@ def main() -> None:
                     train_rows, size, seed, method, args.progress, overrides, train_overrides
                 )
             seconds = time.perf_counter() - started
-            report = measure(model, parents, eval_rows, gt, truth) | {"seconds": seconds}
-            reports[f"{method}/{seed}"] = report
-            print(row(f"{method} s{seed}", report), flush=True)
+            for links in args.peer_links if method in RELINKABLE else ["own"]:
+                linked = peer_links(model, parents, train_rows, links)
+                report = measure(model, linked, eval_rows, gt, truth) | {"seconds": seconds}
+                name = method if links == "own" else f"{method}+{links}"
+                reports[f"{name}/{seed}"] = report
+                print(row(f"{name} s{seed}", report), flush=True)
     if args.json:
         atomic_write_json(args.json, reports)
 

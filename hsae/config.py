@@ -15,6 +15,7 @@ from typing import Literal
 
 Method = Literal["hsae", "paper"]
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
+ParentPick = Literal["likely", "specific"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Links = Literal["joint", "posthoc"]
 DeadLatents = Literal["ghost_grads", "none"]
@@ -94,6 +95,12 @@ class HSAEConfig:
     link_threshold: float = 0.8
     """Conditional rule: a child whose best P(parent fires | child fires) is below this
     gets no parent (in place of unassigned_quantile)."""
+    parent_pick: ParentPick = "likely"
+    """Conditional rule: which of a child's eligible parents (P(parent fires | child
+    fires) >= link_threshold, not a copy) it takes. likely: the highest P(p|c); specific:
+    the highest P(c|p), the parent that fires least outside the child, so that a leaf is
+    linked to its own parent and not to a grandparent that fires wherever it does
+    (docs/hierarchy.md measures the two)."""
     coact_momentum: float = 0.999
     """EMA momentum of the co-activation statistics (similarity = coactivation)."""
 
@@ -135,6 +142,7 @@ class HSAEConfig:
         if self.similarity is not None:
             _check_choice("similarity", self.similarity, Similarity)
         _check_choice("tree", self.tree, TreeVariant)
+        _check_choice("parent_pick", self.parent_pick, ParentPick)
         _check_choice("links", self.links, Links)
 
     def baseline(self) -> HSAEConfig:

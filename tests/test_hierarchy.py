@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load, save
 
 from hsae.config import HSAEConfig
+from hsae.interop.posthoc import link_by_firing, link_levels
 from hsae.method.hierarchy import (
     Hierarchy,
     assign_parents,
@@ -19,6 +20,7 @@ from hsae.method.hierarchy import (
     similarity,
 )
 from hsae.method.model import HSAE
+from hsae.trained_dir import LevelWeights
 
 torch.set_num_threads(1)
 
@@ -372,3 +374,56 @@ def test_conditional_state_round_trip() -> None:
     hier.update(model)
     other.update(model)
     assert torch.equal(hier.parents[0], other.parents[0])
+
+
+def _nested_parents_case() -> tuple[HSAE, list[torch.Tensor]]:
+    """Two candidate parents, one broad and one inside it, and three children, 10 tokens.
+
+    - parent 0 fires on every token, parent 1 on t0-t3 (inside parent 0);
+    - child 0 fires on t0, t1: both parents score P(p|c) = 1; P(c|p) is 0.2 for parent 0
+      and 0.5 for parent 1, the most specific;
+    - child 1 fires on t1-t5: P(p|c) is 1 for parent 0 and 0.6 for parent 1, which is
+      not eligible though its P(c|p), 0.75, is the higher;
+    - child 2 fires on t0-t3 along parent 1's direction: a copy of parent 1, no candidate.
+    """
+    model = HSAE(4, (2, 3), bandwidth=0.5, seed=0)
+    eye = torch.eye(4)
+    with torch.no_grad():
+        model.W_dec[0].copy_(eye[:2])
+        model.W_dec[1].copy_(torch.stack([eye[2], eye[3], eye[1]]))
+    parents = torch.zeros(10, 2)
+    parents[:, 0] = 1.0
+    parents[0:4, 1] = 1.0
+    children = torch.zeros(10, 3)
+    children[0:2, 0] = 1.0
+    children[1:6, 1] = 1.0
+    children[0:4, 2] = 1.0
+    return model, [parents, children]
+
+
+@pytest.mark.parametrize("pick, expected", [("likely", [0, 0, 0]), ("specific", [1, 0, 0])])
+def test_parent_pick_takes_the_most_likely_or_the_most_specific_eligible_parent(
+    pick: str, expected: list[int]
+) -> None:
+    model, acts = _nested_parents_case()
+    cfg = HSAEConfig(sizes=(2, 3), target_l0=1.0, similarity="conditional", parent_pick=pick)
+    hier = Hierarchy(cfg)
+    hier.observe(acts)
+    hier.update(model)
+    assert hier.parents[0].tolist() == expected
+
+
+def test_link_by_firing_links_a_planted_child_from_raw_rows() -> None:
+    """Post-hoc conditional links from rows: level 0 reads e0 and e2, level 1 reads e1 (a
+    child that only occurs with e0), e0 again and e2 again (copies). Only the child is
+    linked, to e0's latent; the encoder-cosine rule links the copies instead."""
+    eye = torch.eye(3)
+    level0 = LevelWeights(W_enc=eye[:, [0, 2]], b_enc=torch.zeros(2), W_dec=eye[[0, 2]],
+                          b_dec=torch.zeros(3), threshold=torch.full((2,), 0.5))  # fmt: skip
+    level1 = LevelWeights(W_enc=eye[:, [1, 0, 2]], b_enc=torch.zeros(3), W_dec=eye[[1, 0, 2]],
+                          b_dec=torch.zeros(3), threshold=torch.full((3,), 0.5))  # fmt: skip
+    model, by_cosine = link_levels([level0, level1], tree="full")
+    rows = torch.stack([eye[0], eye[0] + eye[1], eye[2], eye[0] + eye[1], eye[0]])
+    parents = link_by_firing(model, [rows[:2], rows[2:]])
+    assert parents[0].tolist() == [0, -1, -1]
+    assert by_cosine[0].tolist()[1:] == [0, 1]

@@ -14,12 +14,13 @@ threshold acts as 0 behind the relu.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from hsae import io
-from hsae.config import HSAEConfig
+from hsae.config import HSAEConfig, ParentPick
 from hsae.io import FormatError
 from hsae.method.hierarchy import Hierarchy
 from hsae.method.model import HSAE
@@ -75,3 +76,20 @@ def link_levels(
     hierarchy = Hierarchy(cfg)
     hierarchy.update(model)
     return model, hierarchy.parents
+
+
+@torch.no_grad()
+def link_by_firing(
+    model: HSAE, rows: Iterable[torch.Tensor], parent_pick: ParentPick = "likely"
+) -> list[torch.Tensor]:
+    """Post-hoc links by hsae's conditional rule: P(parent fires | child fires) counted
+    over the levels' firing on ``rows`` (raw activations, in batches), copies and dead
+    parents excluded, the default link threshold (hsae.method.hierarchy)."""
+    cfg = HSAEConfig(sizes=model.sizes, target_l0=1, similarity="conditional",
+                     parent_pick=parent_pick)  # fmt: skip
+    cfg.validate()
+    hierarchy = Hierarchy(cfg, model.scale.device)
+    for x in rows:
+        hierarchy.observe(model.encode_raw(x))
+    hierarchy.update(model)
+    return hierarchy.parents

@@ -13,6 +13,8 @@ Conditional rule (beyond the paper): S[j, i] = P(i fires | j fires), counted ove
 tokens since the last update. A parent fires wherever its child does, so the true parent
 scores 1 whatever the two directions; copies (hsae.method.copies) and parents that never
 fired are no candidates, and a child whose best S is below `link_threshold` gets -1.
+Among the eligible parents (S >= link_threshold) a child takes the most likely (highest
+S) or, with parent_pick = specific, the most specific: the highest P(j fires | i fires).
 """
 
 from __future__ import annotations
@@ -194,10 +196,13 @@ class Hierarchy:
 
     def _conditional_parents(self, model: HSAE, level: int) -> Tensor:
         assert self.both is not None and self.fires is not None
-        n_child = self.fires[level + 1]
-        S = conditional_similarity(model, level, self.both[level], n_child, self.fires[level])
-        best, parent = S.max(dim=1)
-        parent[(best < self.cfg.link_threshold) | (n_child == 0)] = -1
+        n_child, n_parent, both = self.fires[level + 1], self.fires[level], self.both[level]
+        S = conditional_similarity(model, level, both, n_child, n_parent)
+        eligible = self.cfg.link_threshold <= S
+        if self.cfg.parent_pick == "specific":
+            S = (both / n_parent.clamp(min=1)[None, :]).masked_fill(~eligible, -1.0)
+        parent = S.argmax(dim=1)
+        parent[~eligible.any(dim=1) | (n_child == 0)] = -1
         if self.cfg.tree == "binary":
             parent = _cap_children(S, parent >= 0, capacity=2)
         return parent
