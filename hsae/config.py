@@ -79,6 +79,12 @@ class HSAEConfig:
     gets a gradient on few steps and barely moves in a short run; a wider one makes more
     entries live and the step slower: 0.5 trained as well as 1.0 (FVE 0.941 against 0.942)
     in 0.78x its time (docs/training.md)."""
+    decoder_init_norm: float | None = None
+    """None: decoder rows of unit norm throughout (the paper's). A number: every row starts
+    at this norm, the encoder its transpose, and the norms are free while training (SAE
+    Lens's start, from Anthropic's 2024 update: small rows turn fast early on); the
+    trained model folds the norms into the encoder and thresholds (HSAE.fold_decoder_norms),
+    so what is saved has unit rows."""
     similarity: Similarity | None = None
     """Parent choice, in place of the method's (hsae: conditional, paper: encoder): cosine
     of encoder columns, of decoder rows, EMA co-activation, or conditional: P(parent fires
@@ -135,6 +141,8 @@ class HSAEConfig:
         for name in ("rho", "support"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.decoder_init_norm is not None and self.decoder_init_norm <= 0:
+            raise ConfigError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")
         if self.bandwidth <= 0:
             raise ConfigError(f"bandwidth must be > 0, got {self.bandwidth}")
         if self.update_every <= 0:

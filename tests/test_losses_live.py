@@ -12,8 +12,10 @@ from hsae.method.losses_live import encode_live, hsae_loss_live, live_entries
 from hsae.method.model import HSAE
 
 
-def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0) -> HSAE:
-    model = HSAE(d, sizes, bandwidth=bandwidth, seed=seed)
+def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0, free_norms=False) -> HSAE:
+    model = HSAE(
+        d, sizes, bandwidth=bandwidth, seed=seed, decoder_init_norm=0.5 if free_norms else None
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for level, n in enumerate(sizes):
@@ -21,6 +23,8 @@ def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0) -> HSAE:
             model.b_enc[level].copy_(0.2 * torch.randn(n, generator=gen))
             model.b_dec[level].copy_(0.3 * torch.randn(d, generator=gen))
             model.threshold[level].copy_(0.6 + 0.4 * torch.rand(n, generator=gen))
+            if free_norms:  # rows of unequal norms, as training leaves them
+                model.W_dec[level].mul_(torch.rand(n, 1, generator=gen) * 3 + 0.2)
     return model
 
 
@@ -50,11 +54,20 @@ def _loss_and_grads(model: HSAE, x, inp: LossInputs, fn, **kw):
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["exact", "capacity"])
 @pytest.mark.parametrize(
-    "rho, dead, support", [(0.3, True, 0.0), (0.0, False, 0.0), (2.0, False, 0.0), (0.3, True, 3.0)]
+    "rho, dead, support, free_norms",
+    [
+        (0.3, True, 0.0, False),
+        (0.0, False, 0.0, False),
+        (2.0, False, 0.0, False),
+        (0.3, True, 3.0, False),
+        (2.0, True, 0.0, True),
+    ],
 )
-def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead, support) -> None:
+def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead, support, free_norms):
+    """Both paths, term by term and gradient by gradient; with free decoder norms every
+    gradient is compared whole (HSAE.project_decoder_grads leaves free rows alone)."""
     torch.manual_seed(0)
-    model = _model()
+    model = _model(free_norms=free_norms)
     x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5)) * 1.5
     inp = _inputs(model, rho=rho, dead=dead, support=support)
     dense, g_dense = _loss_and_grads(model, x, inp, hsae_loss_dense)

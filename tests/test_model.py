@@ -584,3 +584,57 @@ def test_upper_quantile_is_torch_quantile_bit_for_bit(rows: int, cols: int, q: f
     x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows + cols))
     x[: rows // 3] = torch.round(x[: rows // 3] * 4) / 4
     assert torch.equal(upper_quantile(x, q), torch.quantile(x, q, dim=0))
+
+
+def test_fold_decoder_norms_keeps_every_output_and_gives_unit_rows() -> None:
+    """Free decoder norms folded into the encoder: pre-activations grow by the row's norm,
+    so the same latents fire and a_i d_i, every reconstruction, is unchanged."""
+    model = _small_model(sizes=(5, 9))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for level in range(2):
+            model.W_dec[level].mul_(torch.rand(model.sizes[level], 1, generator=gen) * 3 + 0.05)
+            model.threshold[level].copy_(torch.rand(model.sizes[level], generator=gen) * 0.3)
+    x = torch.randn(64, 6, generator=gen)
+    fired = [a > 0 for a in model.encode(x)]
+    recon = [model.decode(a, level) for level, a in enumerate(model.encode(x))]
+    model.fold_decoder_norms()
+    for level, a in enumerate(model.encode(x)):
+        assert torch.equal(a > 0, fired[level])
+        assert torch.allclose(model.decode(a, level), recon[level], atol=1e-5)
+        assert torch.allclose(model.W_dec[level].norm(dim=-1), torch.ones(model.sizes[level]))
+
+
+def test_free_norms_are_left_alone_by_the_constraints() -> None:
+    model = HSAE(6, (5, 9), bandwidth=0.05, seed=0, decoder_init_norm=0.1)
+    assert torch.allclose(model.W_dec[1].norm(dim=-1), torch.full((9,), 0.1))
+    assert torch.equal(model.W_enc[1], model.W_dec[1].T)
+    model.W_dec[1].grad = torch.ones(9, 6)
+    model.project_decoder_grads()
+    model.apply_constraints()
+    assert torch.equal(model.W_dec[1].grad, torch.ones(9, 6))  # radial part kept
+    assert torch.allclose(model.W_dec[1].norm(dim=-1), torch.full((9,), 0.1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pc_loss_with_free_norms_equals_naive_with_every_gradient(seed: int) -> None:
+    """Decoder rows of any norm: with free_norms the fast formula is the naive one exactly,
+    value and decoder gradients, radial parts included (nothing is projected away)."""
+    a_p, a_c, dec_p, dec_c, parent = _pc_case(seed)
+    gen = torch.Generator().manual_seed(seed + 50)
+    dec_p = dec_p * (torch.rand(dec_p.shape[0], 1, generator=gen, dtype=dec_p.dtype) * 2 + 0.1)
+    dec_c = dec_c * (torch.rand(dec_c.shape[0], 1, generator=gen, dtype=dec_c.dtype) * 2 + 0.1)
+    grads, values = [], []
+    for fast in (True, False):
+        dp, dc = dec_p.clone().requires_grad_(), dec_c.clone().requires_grad_()
+        ap, ac = a_p.clone().requires_grad_(), a_c.clone().requires_grad_()
+        if fast:
+            loss = pc_loss(ap, ac, dp, dc, parent, free_norms=True)
+        else:
+            loss = pc_loss_naive(ap, ac, dp, dc, parent)
+        values.append(loss.item())
+        grads.append(torch.autograd.grad(loss, [dp, dc, ap, ac]))
+    assert values[0] == pytest.approx(values[1], rel=1e-9)
+    assert pc_loss(a_p, a_c, dec_p, dec_c, parent).item() != pytest.approx(values[1], rel=1e-3)
+    for fast, naive in zip(*grads):
+        assert torch.allclose(fast, naive, rtol=1e-9, atol=1e-12)

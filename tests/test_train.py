@@ -589,3 +589,24 @@ def test_conditional_counts_only_the_window_before_each_update(tmp_path):
     assert counted == [16, 17, 18, 19, 20, 36, 37, 38, 39, 40]
     assert len(tokens_at_update) == 2 and all(t > 0 for t in tokens_at_update)
     assert any((p >= 0).any() for p in trainer.hierarchy.parents)
+
+
+def test_free_decoder_norms_train_free_and_end_with_unit_rows(tmp_path) -> None:
+    """decoder_init_norm: rows start at 0.1 and leave it while training (no projection),
+    and the trained model has unit rows with the norms folded in."""
+    cfg = tiny_cfg(steps=30, decoder_init_norm=0.1)
+    trainer = Trainer(cfg, TINY_FOREST.d, tiny_source().stream(128, 1), tmp_path)
+    trainer.init_fresh()
+    batches = trainer.stream(0)
+    for _ in range(5):
+        trainer.train_step(next(batches))
+    norms = trainer.model.W_dec[0].norm(dim=-1)
+    assert (norms - 0.1).abs().max() > 1e-3 and norms.max() < 0.9
+    result = Trainer(cfg, TINY_FOREST.d, tiny_source().stream(128, 1), tmp_path / "b").fit()
+    for w in result.model.W_dec:
+        assert torch.allclose(w.norm(dim=-1), torch.ones(w.shape[0]), atol=1e-5)
+
+
+def test_free_decoder_norms_refuse_a_bad_start() -> None:
+    with pytest.raises(ConfigError, match="decoder_init_norm must be > 0"):
+        tiny_cfg(decoder_init_norm=0.0).validate()

@@ -90,6 +90,7 @@ def pc_loss(
     dec_c: Tensor,
     parent: Tensor,
     live_c: Tensor | None = None,
+    free_norms: bool = False,
 ) -> Tensor:
     """Mean over tokens of sum_i L_PC,(l,i), computed from active features only.
 
@@ -101,7 +102,10 @@ def pc_loss(
     so training passes live_c = pi > theta - eps/2; None takes every entry (exact gradient
     for any a_c)."""
     n_p = a_p.shape[1]
-    parent_term = (a_p.pow(2) @ has_children(parent, n_p).to(a_p.dtype)).sum()
+    weight = has_children(parent, n_p).to(a_p.dtype)
+    if free_norms:  # ||a_p d_p||^2 = a_p^2 ||d_p||^2 when rows are not unit
+        weight = weight * dec_p.pow(2).sum(-1)
+    parent_term = (a_p.pow(2) @ weight).sum()
     live = torch.ones_like(a_c, dtype=torch.bool) if live_c is None else live_c
     tok, child = live.nonzero(as_tuple=True)
     par = parent[child]
@@ -255,7 +259,8 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
         if inp.rho > 0:
             W = model.W_dec
             live = pres[level + 1] > model.threshold[level + 1] - model.bandwidth / 2
-            pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live)
+            pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live,
+                         model.free_norms)  # fmt: skip
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     support = support_term(inp, lambda level, parent: support_loss(

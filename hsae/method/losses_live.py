@@ -222,7 +222,9 @@ def substitution_delta(
 # ---------------------------------------------------------------- constraint loss
 
 
-def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor) -> Tensor:
+def pc_loss_live(
+    p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor, free_norms: bool = False
+) -> Tensor:
     """Mean over tokens of sum_i L_PC,(l,i) (section 3.1) from live entries.
 
     With unit decoder rows (see :func:`hsae.method.model.pc_loss`),
@@ -230,9 +232,13 @@ def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor)
     The last term, per (token, parent) group of live children, is sum_j a_j^2 plus, for
     groups of two or more, ||sum_j a_j d_j||^2 - sum_j a_j^2: only those need rows of d.
     The gradients then equal the dense formula's up to a radial part in each decoder row,
-    which training drops anyway (HSAE.project_decoder_grads)."""
+    which training drops anyway (HSAE.project_decoder_grads). With free_norms (rows of
+    any norm) a^2 becomes a^2 ||d||^2 in each place and the gradients are exact."""
     linked = parent >= 0
-    parent_term = (p.act.pow(2) * has_children(parent, p.n)[p.feat]).sum()
+    weight = has_children(parent, p.n).to(p.act.dtype)
+    if free_norms:
+        weight = weight * dec_p.pow(2).sum(-1)
+    parent_term = (p.act.pow(2) * weight[p.feat]).sum()
     par = parent.clamp(min=0)[c.feat]
     a_c = c.act * linked[c.feat]
     # (token, parent) of each child entry; an unlinked child's entry gets a key of its own
@@ -243,8 +249,11 @@ def pc_loss_live(p: Live, c: Live, dec_p: Tensor, dec_c: Tensor, parent: Tensor)
     a_par = _lookup(p.tok * p.n + p.feat, p.act, key)
     cos = (dec_p.index_select(0, parent.clamp(min=0)) * dec_c).sum(-1)
     cross = (a_c * a_par * cos.index_select(0, c.feat)).sum()
-    shared = _shared_groups(key, a_c, c.feat, dec_c, compact=c.valid is None)
-    siblings = a_c.pow(2).sum() + shared
+    own = a_c.pow(2)
+    if free_norms:
+        own = own * dec_c.pow(2).sum(-1).index_select(0, c.feat)
+    shared = _shared_groups(key, a_c, c.feat, dec_c, c.valid is None, free_norms)
+    siblings = own.sum() + shared
     return (parent_term - 2 * cross + siblings) / p.batch
 
 
@@ -269,8 +278,11 @@ def _lookup(keys: Tensor, values: Tensor, queries: Tensor) -> Tensor:
     return values.index_select(0, pos) * (keys.index_select(0, pos) == queries)
 
 
-def _shared_groups(key: Tensor, a: Tensor, feat: Tensor, dec: Tensor, compact: bool) -> Tensor:
-    """sum over groups of equal key with two or more entries of ||sum a d||^2 - sum a^2."""
+def _shared_groups(
+    key: Tensor, a: Tensor, feat: Tensor, dec: Tensor, compact: bool, free_norms: bool = False
+) -> Tensor:
+    """sum over groups of equal key with two or more entries of ||sum a d||^2 - sum a^2
+    (sum a^2 ||d||^2 with free_norms)."""
     order = torch.argsort(key, stable=True)
     key = key.index_select(0, order)
     first = torch.ones_like(key, dtype=torch.bool)
@@ -287,7 +299,8 @@ def _shared_groups(key: Tensor, a: Tensor, feat: Tensor, dec: Tensor, compact: b
         n_groups = int(group[-1]) + 1 if group.numel() else 0
     rows = dec.index_select(0, feat) * a.unsqueeze(1)
     sums = rows.new_zeros(n_groups, dec.shape[1]).index_add_(0, group, rows)
-    return sums.pow(2).sum() - a.pow(2).sum()
+    own = rows.pow(2).sum() if free_norms else a.pow(2).sum()
+    return sums.pow(2).sum() - own
 
 
 # ---------------------------------------------------------------- the whole loss
@@ -333,7 +346,8 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
     if inp.rho > 0:
         W = model.W_dec
         for level, parent in enumerate(inp.parents):
-            pc = pc_loss_live(lives[level], lives[level + 1], W[level], W[level + 1], parent)
+            pc = pc_loss_live(lives[level], lives[level + 1], W[level], W[level + 1], parent,
+                              model.free_norms)  # fmt: skip
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     support = support_term(inp, lambda level, parent: support_loss_live(

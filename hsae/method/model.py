@@ -26,11 +26,22 @@ THRESHOLD_FLOOR = 1e-6  # theta is learned directly and kept positive (design §
 class HSAE(nn.Module):
     """L JumpReLU SAEs of growing size over one input. Works on scaled inputs s*x."""
 
-    def __init__(self, d_in: int, sizes: tuple[int, ...], bandwidth: float, seed: int = 0):
+    def __init__(
+        self,
+        d_in: int,
+        sizes: tuple[int, ...],
+        bandwidth: float,
+        seed: int = 0,
+        decoder_init_norm: float | None = None,
+    ):
+        """decoder_init_norm: None keeps decoder rows at unit norm; a number starts them at
+        that norm and leaves the norms free (HSAEConfig.decoder_init_norm)."""
         super().__init__()
         self.d_in, self.sizes, self.bandwidth = d_in, tuple(sizes), bandwidth
+        self.free_norms = decoder_init_norm is not None
         gen = torch.Generator().manual_seed(seed)
-        decoders = [unit_rows(torch.randn(n, d_in, generator=gen)) for n in sizes]
+        norm = 1.0 if decoder_init_norm is None else decoder_init_norm
+        decoders = [unit_rows(torch.randn(n, d_in, generator=gen)) * norm for n in sizes]
         self.W_dec = nn.ParameterList([nn.Parameter(w) for w in decoders])
         self.W_enc = nn.ParameterList([nn.Parameter(w.T.clone()) for w in decoders])
         self.b_enc = nn.ParameterList([nn.Parameter(torch.zeros(n)) for n in sizes])
@@ -108,17 +119,32 @@ class HSAE(nn.Module):
 
     @torch.no_grad()
     def project_decoder_grads(self) -> None:
-        """Drop the radial part of each decoder row's gradient: rows are kept unit norm."""
+        """Drop the radial part of each decoder row's gradient: rows are kept unit norm
+        (unless their norms are free)."""
+        if self.free_norms:
+            return
         for w in self.W_dec:
             drop_radial_grad(w)
 
     @torch.no_grad()
     def apply_constraints(self) -> None:
-        """After every optimiser step: unit decoder rows, positive thresholds."""
-        for w in self.W_dec:
-            w.copy_(unit_rows(w))
+        """After every optimiser step: unit decoder rows (unless free), positive thresholds."""
+        if not self.free_norms:
+            for w in self.W_dec:
+                w.copy_(unit_rows(w))
         for theta in self.threshold:
             theta.clamp_(min=THRESHOLD_FLOOR)
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """Unit decoder rows with the same function: row i's norm n_i moves into encoder
+        column i, b_enc,i and theta_i, so pi_i and a_i grow by n_i and a_i d_i is unchanged."""
+        for level in range(self.n_levels):
+            norms = self.W_dec[level].norm(dim=-1).clamp(min=1e-12)
+            self.W_dec[level].div_(norms[:, None])
+            self.W_enc[level].mul_(norms[None, :])
+            self.b_enc[level].mul_(norms)
+            self.threshold[level].mul_(norms)
 
 
 def upper_quantile(x: Tensor, q: float) -> Tensor:

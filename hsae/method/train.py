@@ -146,7 +146,9 @@ class Trainer:
         self.out_dir = Path(out_dir)
         m, t = cfg.model, cfg.train
         self.device = distributed.resolve_device(t.device)
-        self.model = HSAE(d_in, m.sizes, m.bandwidth, seed=t.seed).to(self.device)
+        self.model = HSAE(
+            d_in, m.sizes, m.bandwidth, seed=t.seed, decoder_init_norm=m.decoder_init_norm
+        ).to(self.device)
         self.hierarchy = Hierarchy(m, self.device)
         eta, momentum, lambda_step = t.controller_constants()
         self.controller = SparsityController(
@@ -399,6 +401,8 @@ class Trainer:
         bar.close()
         if self.cfg.model.links == "posthoc":
             self.hierarchy.update(self.model)
+        if self.model.free_norms:  # what is saved and measured has unit decoder rows
+            self.model.fold_decoder_norms()
         seconds = time.perf_counter() - started_at
         return TrainResult(self.model, self.hierarchy, self.summary(start, seconds))
 
