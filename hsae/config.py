@@ -16,6 +16,7 @@ from typing import Literal
 Method = Literal["hsae", "paper"]
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 ParentPick = Literal["likely", "specific"]
+SparsityLoss = Literal["linear", "quadratic"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Links = Literal["joint", "posthoc"]
 DeadLatents = Literal["ghost_grads", "none"]
@@ -79,6 +80,11 @@ class HSAEConfig:
     gets a gradient on few steps and barely moves in a short run; a wider one makes more
     entries live and the step slower: 0.5 trained as well as 1.0 (FVE 0.941 against 0.942)
     in 0.78x its time (docs/training.md)."""
+    sparsity_loss: SparsityLoss = "linear"
+    """linear: lambda_l L0_l, lambda steered by the controller (the paper's). quadratic:
+    per level the mean over rows of 2/T (L0_row - T)^2 at the controller's target T, with
+    weight 1 (Gemma Scope 2; SAE Lens's quadratic mode): a row far above T pays more than
+    a row near it, a row below T is pushed to fire more (docs/hierarchy.md)."""
     decoder_init_norm: float | None = None
     """None: decoder rows of unit norm throughout (the paper's). A number: every row starts
     at this norm, the encoder its transpose, and the norms are free while training (SAE
@@ -141,6 +147,12 @@ class HSAEConfig:
         for name in ("rho", "support"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        _check_choice("sparsity_loss", self.sparsity_loss, SparsityLoss)
+        if self.sparsity_loss == "quadratic" and (self.nested or self.support > 0):
+            raise ConfigError(
+                "sparsity_loss quadratic is not combined with nested or support: both are "
+                "priced in units of the controller's lambda, which it does not use"
+            )
         if self.decoder_init_norm is not None and self.decoder_init_norm <= 0:
             raise ConfigError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")
         if self.bandwidth <= 0:
@@ -184,6 +196,9 @@ class TrainConfig:
     """The wsd schedule's final decay, as a fraction of steps."""
     beta1: float = 0.0
     beta2: float = 0.995
+    clip_grad: float = 0.0
+    """Clip the gradient's global norm to this before each step (0: no clipping, the
+    paper's; SAE Lens's trainer clips at 1)."""
     seed: int = 0
     l0_ema_momentum: float = 0.999
     """Momentum of the per-level L0 EMA of the sparsity controller, for a run of
@@ -255,6 +270,8 @@ class TrainConfig:
             raise ConfigError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         for name in ("warmup_frac", "decay_frac", "beta1", "beta2", "l0_ema_momentum", "eta"):
             _check_unit(name, getattr(self, name))
+        if self.clip_grad < 0:
+            raise ConfigError(f"clip_grad must be >= 0, got {self.clip_grad}")
         for name in ("lr", "threshold_lr", "lambda_init", "lambda_step"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

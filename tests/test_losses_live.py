@@ -28,7 +28,7 @@ def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0, free_norms=False) ->
     return model
 
 
-def _inputs(model: HSAE, seed=0, rho=0.3, dead=True, support=0.0) -> LossInputs:
+def _inputs(model: HSAE, seed=0, rho=0.3, dead=True, support=0.0, quadratic=False) -> LossInputs:
     gen = torch.Generator().manual_seed(seed + 2)
     parents, substitution = [], []
     for n_p, n_c in zip(model.sizes, model.sizes[1:]):
@@ -38,7 +38,10 @@ def _inputs(model: HSAE, seed=0, rho=0.3, dead=True, support=0.0) -> LossInputs:
         substitution.append(torch.rand(n_p, generator=gen) < 0.3)
     dead_masks = [torch.rand(n, generator=gen) < 0.2 for n in model.sizes] if dead else None
     lambdas = torch.tensor([0.05, 0.1, 0.2])[: model.n_levels]
-    return LossInputs(parents, lambdas, rho, substitution, dead_masks, support=support)
+    targets = torch.tensor([3.0, 5.0, 8.0])[: model.n_levels] if quadratic else None
+    return LossInputs(
+        parents, lambdas, rho, substitution, dead_masks, support=support, l0_targets=targets
+    )
 
 
 def _loss_and_grads(model: HSAE, x, inp: LossInputs, fn, **kw):
@@ -54,22 +57,26 @@ def _loss_and_grads(model: HSAE, x, inp: LossInputs, fn, **kw):
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["exact", "capacity"])
 @pytest.mark.parametrize(
-    "rho, dead, support, free_norms",
+    "rho, dead, support, free_norms, quadratic",
     [
-        (0.3, True, 0.0, False),
-        (0.0, False, 0.0, False),
-        (2.0, False, 0.0, False),
-        (0.3, True, 3.0, False),
-        (2.0, True, 0.0, True),
+        (0.3, True, 0.0, False, False),
+        (0.0, False, 0.0, False, False),
+        (2.0, False, 0.0, False, False),
+        (0.3, True, 3.0, False, False),
+        (2.0, True, 0.0, True, False),
+        (0.3, True, 0.0, True, True),
     ],
 )
-def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead, support, free_norms):
+def test_live_loss_equals_dense_loss_and_gradients(
+    sync_free, rho, dead, support, free_norms, quadratic
+):
     """Both paths, term by term and gradient by gradient; with free decoder norms every
-    gradient is compared whole (HSAE.project_decoder_grads leaves free rows alone)."""
+    gradient is compared whole (HSAE.project_decoder_grads leaves free rows alone); with
+    the quadratic sparsity loss its term is the hand formula on each row's count."""
     torch.manual_seed(0)
     model = _model(free_norms=free_norms)
     x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5)) * 1.5
-    inp = _inputs(model, rho=rho, dead=dead, support=support)
+    inp = _inputs(model, rho=rho, dead=dead, support=support, quadratic=quadratic)
     dense, g_dense = _loss_and_grads(model, x, inp, hsae_loss_dense)
     inp.capacity = [48 * n for n in model.sizes] if sync_free else None
     live, g_live = _loss_and_grads(model, x, inp, hsae_loss_live)
@@ -81,8 +88,15 @@ def test_live_loss_equals_dense_loss_and_gradients(sync_free, rho, dead, support
     for field in ("l0", "fve", "mse"):
         assert torch.allclose(getattr(live, field), getattr(dense, field), rtol=1e-5, atol=1e-6)
     assert live.pc.item() == pytest.approx(dense.pc.item(), rel=1e-5, abs=1e-7)
+    if quadratic:  # 2/T mean over rows of (L0_row - T)^2, from each row's firing count
+        counts = [(model.pre_acts(x, level) > model.threshold[level]).sum(-1).double()
+                  for level in range(model.n_levels)]  # fmt: skip
+        T = inp.l0_targets.double()
+        wanted = sum((2 / T[lv] * (c - T[lv]).pow(2)).mean() for lv, c in enumerate(counts))
+    else:
+        wanted = (inp.lambdas * dense.l0).sum()
     for out in (live, dense):  # the named terms are the loss, term by term
-        assert out.sparsity.item() == pytest.approx((inp.lambdas * out.l0).sum().item(), rel=1e-5)
+        assert out.sparsity.item() == pytest.approx(wanted.item(), rel=1e-5)
         parts = out.mse.sum() + out.sparsity + rho * out.pc + out.ghost + out.support
         assert parts.item() == pytest.approx(out.total.item(), rel=1e-5)
         assert (out.ghost.item() != 0) == dead

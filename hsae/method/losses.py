@@ -165,6 +165,20 @@ def support_term(inp: LossInputs, l_s: Callable[[int, Tensor], Tensor], zero: Te
     return inp.support * torch.stack(terms).sum() if terms else zero
 
 
+# ---------------------------------------------------------------- sparsity
+
+
+def sparsity_term(l0: Tensor, l0_row: Tensor | None, inp: LossInputs, level: int) -> Tensor:
+    """The level's sparsity term as it enters the loss: lambda_l L0_l (the paper's), or with
+    l0_targets the per-row quadratic mean_rows 2/T (L0_row - T)^2 (HSAEConfig.sparsity_loss).
+    l0: the batch's mean L0 (straight-through); l0_row: per row (needed when quadratic)."""
+    if inp.l0_targets is None:
+        return inp.lambdas[level] * l0
+    assert l0_row is not None
+    target = inp.l0_targets[level]
+    return (2 / target * (l0_row - target).pow(2)).mean()
+
+
 # ---------------------------------------------------------------- dead latents
 
 
@@ -203,6 +217,8 @@ class LossInputs:
     """Live entries per level on a GPU (fixed sizes keep the step free of host syncs)."""
     support: float = 0.0
     """s: weight of the support constraint L_S, in units of the child level's lambda."""
+    l0_targets: Tensor | None = None
+    """[L] the target T of the quadratic sparsity loss per level; None: lambda_l L0_l."""
 
 
 @dataclass
@@ -245,9 +261,11 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
                 model, recon, a, acts[level + 1], level, inp.parents[level], m
             )
         mse = (recon - x).pow(2).sum(-1)
-        l0_ste = Step.apply(pre, model.threshold[level], model.bandwidth).sum(-1).mean()
-        sparsity = sparsity + inp.lambdas[level] * l0_ste
-        total = total + mse.mean() + inp.lambdas[level] * l0_ste
+        l0_row = Step.apply(pre, model.threshold[level], model.bandwidth).sum(-1)
+        l0_ste = l0_row.mean()
+        term = sparsity_term(l0_ste, l0_row, inp, level)
+        sparsity = sparsity + term
+        total = total + mse.mean() + term
         if inp.dead is not None and bool(inp.dead[level].any()):
             idx = inp.dead[level].nonzero().squeeze(1)
             pre_dead = model.ghost_pre_acts(x, level, idx)

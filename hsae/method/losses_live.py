@@ -39,6 +39,7 @@ from hsae.method.losses import (
     LossOutput,
     ghost_grad_loss,
     has_children,
+    sparsity_term,
     support_term,
 )
 
@@ -335,9 +336,14 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             mse = (recon - x).pow(2).sum(-1)
         theta = model.threshold[level]
         theta_e = theta.index_select(0, live.feat)
-        l0 = Step.apply(live.pre, theta_e, model.bandwidth).sum() / x.shape[0]
-        sparsity = sparsity + inp.lambdas[level] * l0
-        total = total + mse.mean() + inp.lambdas[level] * l0
+        step = Step.apply(live.pre, theta_e, model.bandwidth)
+        l0 = step.sum() / x.shape[0]
+        l0_row = None
+        if inp.l0_targets is not None:  # the quadratic loss prices each row's L0
+            l0_row = x.new_zeros(x.shape[0]).index_add(0, live.tok, step)
+        term = sparsity_term(l0, l0_row, inp, level)
+        sparsity = sparsity + term
+        total = total + mse.mean() + term
         if inp.dead is not None:
             g = _ghost(model, x, recon, level, inp.dead[level], mse, live.valid is None)
             ghost, total = ghost + g.detach(), total + g

@@ -283,9 +283,11 @@ class Trainer:
         dead = None
         if t.dead_latents == "ghost_grads":
             dead = [s >= t.dead_after for s in self.since_fired]
+        targets = self.controller.target_at(self.step) if m.sparsity_loss == "quadratic" else None
         return LossInputs(
             self.hierarchy.parents, self.controller.lambdas * self.priced, m.rho, substitution,
             dead, dense=t.kernel == "dense", capacity=self.live_capacity, support=m.support,
+            l0_targets=targets,
         )  # fmt: skip
 
     def train_step(self, x_raw: Tensor) -> Tensor:
@@ -304,6 +306,8 @@ class Trainer:
         if self.cfg.model.nested:
             nested.fold_grads(self.model)
         self.model.project_decoder_grads()
+        if t.clip_grad > 0:  # sync-free: the norm stays on the device
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad)
         self.opt.step()
         self.model.apply_constraints()
         if self.cfg.model.nested:
