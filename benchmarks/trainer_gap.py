@@ -33,6 +33,7 @@ import torch
 from synthetic import BATCH, EVAL_ROWS, SIZES, draw_rows, recovered, synthetic_model
 from torch import Tensor
 
+from hsae.config import TrainConfig
 from hsae.evaluation.metrics import LevelStats
 from hsae.method.controller import SparsityController
 from hsae.method.jumprelu import JumpReLU, Step
@@ -100,8 +101,6 @@ def start(r: Recipe, x: Tensor, n: int, target: float, seed: int) -> SAE:
 
 def controller(steps: int, target: float, n: int) -> SparsityController:
     """hsae's controller with TrainConfig's constants scaled to the run's length."""
-    from hsae.config import TrainConfig
-
     eta, momentum, step = TrainConfig(steps=steps).controller_constants()
     return SparsityController(1, target, eta, momentum, TrainConfig.lambda_init, step,
                               start_multiple=3.0, steps=steps, sizes=(n,))  # fmt: skip
