@@ -59,6 +59,13 @@ class Recipe:
     b_dec_start: str = "zero"
 
 
+CHOICES = {
+    "l0": ("quadratic", "controller"),
+    "schedule": ("constant", "wsd"),
+    "theta_start": ("constant", "quantile"),
+    "b_dec_start": ("zero", "mean"),
+}
+
 HSAE_RECIPE = Recipe(
     init_norm=1.0, unit=True, l0="controller", bandwidth=0.5, lr=5e-3, threshold_lr=0.03,
     beta1=0.0, beta2=0.995, schedule="wsd", clip=0.0, theta_start="quantile",
@@ -194,6 +201,9 @@ def main() -> None:
     if args.n <= 0:
         parser.error("--n must be > 0")
     base = dataclasses.replace(base, **{k: parse_value(v) for k, v in given.items()})
+    for name, allowed in CHOICES.items():
+        if getattr(base, name) not in allowed:
+            parser.error(f"--set {name} must be one of {allowed}, got {getattr(base, name)!r}")
     other = HSAE_RECIPE if args.base == "saelens" else Recipe()
     size = SIZES["cpu-ssb"]
     synth = synthetic_model(size)
