@@ -32,7 +32,8 @@ per level and at any level) and MCC (`sae_lens.synthetic.mean_correlation_coeffi
 the paper's three measures, the copy share and the three over non-copy links
 (hsae.evaluation.metrics); recall and precision of true parent -> child pairs, and the
 recall ceiling (pairs whose two ends are learned at adjacent levels); true features
-recovered by their place in the forest (roots, inner nodes, leaves, independents); seconds.
+recovered by their place in the forest (roots, inner nodes, leaves, independents), at any
+level and per level; seconds.
 
     python benchmarks/synthetic.py --seeds 0 1 2          # CPU size, minutes here
     python benchmarks/synthetic.py --size cpu-ssb --methods hsae saelens  # its recipe, CPU
@@ -429,6 +430,9 @@ def measure(model: HSAE, parents: list, rows: Tensor, gt: Tensor, truth: Tensor)
     report |= edge_scores(matches, parents, truth)
     report["recall_ceiling"] = recall_ceiling(matches, truth)
     report["recovered_by_kind"] = recovered_by_kind(best, truth)
+    report["recovered_by_kind_per_level"] = [
+        recovered_by_kind(best_per_true(w, gt), truth) for w in decoders
+    ]
     return report
 
 
@@ -514,6 +518,11 @@ def is_ancestor(truth: Tensor, a: int, b: int) -> bool:
 # ---------------------------------------------------------------- the table
 
 
+def by_kind_short(counts: dict[str, str]) -> str:
+    """'roots/inner/leaves/independents' recovered, without the totals."""
+    return "/".join(v.split("/")[0] for v in counts.values())
+
+
 def row(name: str, r: dict) -> str:
     j = lambda key, f: " ".join(format(v, f) for v in r[key])  # noqa: E731
     return (
@@ -527,7 +536,9 @@ def row(name: str, r: dict) -> str:
         f" | recall {r['recall']:.3f} (ceiling {r['recall_ceiling']:.3f})"
         f" precision {'n/a' if r['precision'] is None else format(r['precision'], '.3f')}"
         f" ({r['judged_links']})"
-        f" | recovered by kind {r['recovered_by_kind']} | {r['seconds']:.0f} s"
+        f" | recovered by kind {r['recovered_by_kind']}"
+        f" per level {[by_kind_short(k) for k in r['recovered_by_kind_per_level']]}"
+        f" | {r['seconds']:.0f} s"
     )
 
 

@@ -124,7 +124,11 @@ def describe_tree(
         m = matches[level][i]
         out = [f"{indent}level {level} #{i:<4} = {true_name(forest, m) if m >= 0 else '?'}{mark}"]
         if level < len(children):
-            kids = sorted(children[level][i], key=lambda j: -true_links(level + 1, j))
+            kids = sorted(
+                children[level][i],
+                key=lambda j: (-is_true(level, i, j) * (1 + true_chain(level + 1, j)),
+                               -true_links(level + 1, j)),
+            )  # fmt: skip
             for j in kids[:max_children]:
                 mark = "  (true)" if is_true(level, i, j) else ""
                 mark = "  (copy)" if j in copies[level] else mark
@@ -133,11 +137,28 @@ def describe_tree(
                 out.append(f"{indent}    ... {len(kids) - max_children} more")
         return out
 
-    root = max(range(model.sizes[0]), key=lambda i: true_links(0, i))
+    @functools.cache
+    def true_chain(level: int, i: int) -> int:
+        """The most true links in a row down from feature i (2: a planted root -> child ->
+        grandchild, say)."""
+        if level >= len(children):
+            return 0
+        true_kids = [j for j in children[level][i] if is_true(level, i, j)]
+        return max((1 + true_chain(level + 1, j) for j in true_kids), default=0)
+
+    def chain_below(level: int, i: int) -> int:
+        """The longest true chain starting at feature i or anywhere below it."""
+        if level >= len(children):
+            return 0
+        below = (chain_below(level + 1, j) for j in children[level][i])
+        return max(true_chain(level, i), *below, 0)
+
+    root = max(range(model.sizes[0]), key=lambda i: (chain_below(0, i), true_links(0, i)))
     if true_links(0, root) == 0:
         return "no learned link joins a planted feature to one of its planted descendants"
     header = (
-        "the learned tree with the most true links, a planted feature above one of its "
-        "planted descendants (T3.1 = tree 3, its child 1):"
+        "the learned tree with the longest chain of true links, then the most, a true link "
+        "joining a planted feature to one of its planted descendants (T3.1 = tree 3, its "
+        "child 1):"
     )
     return "\n".join([header, *lines(0, root, "  ", "")])

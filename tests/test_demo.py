@@ -1,4 +1,5 @@
-"""The demo: the learned tree it prints (the one with the most true links) and the command."""
+"""The demo: the learned tree it prints (the longest chain of true links, then the most true
+links) and the command."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def test_the_tree_shown_has_true_links_and_marks_copies() -> None:
     model, parents, copies = two_levels(forest)
     text = describe_tree(model, parents, forest, [copies])
     lines = text.splitlines()
-    assert "most true links" in lines[0]
+    assert "the most, a true link" in lines[0]
     root = lines[1].split("= ")[1]
     assert root.startswith("T") and "." not in root  # a planted root
     children = [line.split("= ")[1] for line in lines[2:]]
@@ -68,6 +69,34 @@ def test_a_link_to_the_parents_sibling_is_not_true() -> None:
     shown = describe_tree(model, [true_parent], forest, [set()])
     assert shown.count("(true)") == FOREST.branching
     assert describe_tree(model, [sibling], forest, [set()]).startswith("no learned link")
+
+
+def test_a_chain_of_true_links_is_shown_before_more_links() -> None:
+    """Tree A: root -> child -> grandchild, two true links in a row. Tree B: its root, a
+    copy of it (a copy link) and four grandchildren below the copy, four true links but
+    none in a row. The tree shown is A's, its chain first."""
+    forest = PlantedForest(dataclasses.replace(FOREST, n_trees=2, depth=3))
+    root_a, root_b = torch.nonzero(forest.depth == 0).flatten().tolist()
+    child_a = int(torch.nonzero(forest.parent == root_a)[0])
+    grand_a = int(torch.nonzero(forest.parent == child_a)[0])
+    grand_b = torch.nonzero((forest.depth == 2) & (forest.tree == forest.tree[root_b]))
+    unmatched = torch.nn.functional.normalize(torch.randn(forest.cfg.d), dim=0)
+    levels = [
+        forest.directions[[root_a, root_b]],
+        torch.cat([forest.directions[[child_a, root_b]], unmatched[None]]),
+        forest.directions[[grand_a, *grand_b.flatten().tolist()]],
+    ]
+    model = HSAE(forest.cfg.d, tuple(len(w) for w in levels), bandwidth=1.0)
+    with torch.no_grad():
+        for level, w in enumerate(levels):
+            model.W_dec[level].copy_(w)
+    parents = [torch.tensor([0, 1, -1]), torch.tensor([0] + [1] * grand_b.numel())]
+    text = describe_tree(model, parents, forest, [{1}, set()])
+    assert text.count("(true)") == 2, text
+    names = [line.split("= ")[1] for line in text.splitlines()[1:]]
+    assert names[0] == f"T{int(forest.tree[root_a])}"
+    assert names[1].endswith("  (true)") and names[2].endswith("  (true)")
+    assert names[2].startswith(names[1].removesuffix("  (true)") + ".")  # its grandchild
 
 
 def test_says_so_when_no_link_is_true() -> None:
