@@ -14,6 +14,7 @@ token) and peak RSS.
     python benchmarks/train_speed.py              # about 2 minutes on 2 cores
     python benchmarks/train_speed.py --steps 100  # steadier figures
     python benchmarks/train_speed.py --quality    # time to quality, about 8 minutes
+    python benchmarks/train_speed.py --decoder-init-norm 0.1  # free decoder norms from 0.1
 
 Tokens/s says little unless a step learns as much. ``--quality`` measures time to
 quality on the ground-truth rows of ``benchmarks/synthetic.py``: SAE Lens trains its four
@@ -46,7 +47,12 @@ def matmul_rate(d: int, n: int, batch: int, repeats: int = 20) -> float:
 
 
 def hsae_stepper(
-    data: torch.Tensor, sizes: tuple[int, ...], l0: float, kernel: str, method: str = "hsae"
+    data: torch.Tensor,
+    sizes: tuple[int, ...],
+    l0: float,
+    kernel: str,
+    method: str = "hsae",
+    decoder_init_norm: float | None = None,
 ):
     """A function running one HSAE training step, after 10 warm-up steps (the first
     hierarchy update happens there, so links exist; one follows every 10 steps).
@@ -55,7 +61,8 @@ def hsae_stepper(
     makes the first half of a run's steps costlier, which whole runs show
     (benchmarks/synthetic.py's seconds, and --quality here)."""
     warmup = 10
-    model = HSAEConfig(method=method, sizes=sizes, target_l0=l0, update_every=warmup, l0_start=1.0)
+    model = HSAEConfig(method=method, sizes=sizes, target_l0=l0, update_every=warmup, l0_start=1.0,
+                       decoder_init_norm=decoder_init_norm)  # fmt: skip
     cfg = RunConfig(
         model=model,
         train=TrainConfig(steps=10**6, batch_size=data.shape[1], checkpoint_every=0,
@@ -178,7 +185,15 @@ def main() -> None:
     parser.add_argument(
         "--dense", action="store_true", help="also time HSAE's dense reference kernel (slow)"
     )
+    parser.add_argument(
+        "--decoder-init-norm",
+        type=float,
+        default=None,
+        help="the default method's --model.decoder_init_norm (free norms from this start)",
+    )
     args = parser.parse_args()
+    if args.decoder_init_norm is not None and args.decoder_init_norm <= 0:
+        parser.error(f"--decoder-init-norm must be > 0, got {args.decoder_init_norm}")
     if args.quality:
         time_to_quality()
         return
@@ -189,7 +204,8 @@ def main() -> None:
     names = {"live": "HSAE (all four levels, linked)", "paper": "HSAE, --model.method paper",
              "lens": "SAE Lens (four SAEs)", "dense": "HSAE, dense reference kernel"}  # fmt: skip
     with kernel_settings(deterministic=True, device=torch.device("cpu")):  # as `hsae train`
-        steppers = {"live": hsae_stepper(data, sizes, args.target_l0, "live"),
+        steppers = {"live": hsae_stepper(data, sizes, args.target_l0, "live", "hsae",
+                                         args.decoder_init_norm),
                     "paper": hsae_stepper(data, sizes, args.target_l0, "live", "paper"),
                     "lens": sae_lens_stepper(data, sizes, args.target_l0)}  # fmt: skip
         if args.dense:

@@ -126,9 +126,8 @@ def describe_tree(
         if level < len(children):
             kids = sorted(
                 children[level][i],
-                key=lambda j: (-is_true(level, i, j) * (1 + true_chain(level + 1, j)),
-                               -true_links(level + 1, j)),
-            )  # fmt: skip
+                key=lambda j: (-chain_through(level, i, j), -true_links(level + 1, j)),
+            )
             for j in kids[:max_children]:
                 mark = "  (true)" if is_true(level, i, j) else ""
                 mark = "  (copy)" if j in copies[level] else mark
@@ -143,8 +142,11 @@ def describe_tree(
         grandchild, say)."""
         if level >= len(children):
             return 0
-        true_kids = [j for j in children[level][i] if is_true(level, i, j)]
-        return max((1 + true_chain(level + 1, j) for j in true_kids), default=0)
+        return max((chain_through(level, i, j) for j in children[level][i]), default=0)
+
+    def chain_through(level: int, i: int, j: int) -> int:
+        """True links in a row from feature i down through its child j (0: not a true link)."""
+        return 1 + true_chain(level + 1, j) if is_true(level, i, j) else 0
 
     def chain_below(level: int, i: int) -> int:
         """The longest true chain starting at feature i or anywhere below it."""
