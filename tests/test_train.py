@@ -525,8 +525,10 @@ def test_bf16_autocast_trains_like_fp32(tmp_path):
     # and the dictionaries are as good: held-out FVE per level, on the same draws
     fve = {a: pipeline.evaluate_model(r.model, r.hierarchy.parents, tiny_source(), 4096)["fve"]
            for a, r in runs.items()}  # fmt: skip
-    assert min(fve[False]) > 0.7, fve  # measured 0.83-0.85
-    assert all(abs(a - b) < 0.01 for a, b in zip(fve[False], fve[True], strict=True)), fve
+    assert min(fve[False]) > 0.7, fve  # measured 0.82-0.85
+    # bf16 noise after 200 steps depends on the CPU's kernels: the two runs differed by up
+    # to 0.011 per level on one machine of this kind (bf16 the higher), under 0.01 on others
+    assert all(abs(a - b) < 0.02 for a, b in zip(fve[False], fve[True], strict=True)), fve
 
 
 def test_unknown_device_is_a_clear_error(tmp_path):
