@@ -424,15 +424,14 @@ def measure(model: HSAE, parents: list, rows: Tensor, gt: Tensor, truth: Tensor)
     report = evaluate_with_copies(batches, parents, list(model.sizes), decoders)
     matches = [match(w, gt) for w in decoders]
     report["recovered"] = [recovered(w, gt) for w in decoders]
-    best = best_cosines(decoders, gt)
+    per_level = [best_per_true(w, gt) for w in decoders]
+    best = torch.stack(per_level).max(0).values  # per true feature, its best at any level
     report["recovered_any"] = int((best >= 0.9).sum())
     report["mcc"] = [mean_correlation_coefficient(w, gt) for w in decoders]
     report |= edge_scores(matches, parents, truth)
     report["recall_ceiling"] = recall_ceiling(matches, truth)
     report["recovered_by_kind"] = recovered_by_kind(best, truth)
-    report["recovered_by_kind_per_level"] = [
-        recovered_by_kind(best_per_true(w, gt), truth) for w in decoders
-    ]
+    report["recovered_by_kind_per_level"] = [recovered_by_kind(b, truth) for b in per_level]
     return report
 
 
@@ -477,10 +476,6 @@ def best_per_true(decoder: Tensor, gt: Tensor) -> Tensor:
 def recovered(decoder: Tensor, gt: Tensor, threshold: float = 0.9) -> int:
     """True features with a latent at cosine >= threshold."""
     return int((best_per_true(decoder, gt) >= threshold).sum())
-
-
-def best_cosines(decoders: list[Tensor], gt: Tensor) -> Tensor:
-    return torch.stack([best_per_true(w, gt) for w in decoders]).max(0).values
 
 
 def edge_scores(matches: list[Tensor], parents: list, truth: Tensor) -> dict:

@@ -28,6 +28,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Literal, get_args, get_type_hints
 
 import torch
 from synthetic import BATCH, EVAL_ROWS, SIZES, draw_rows, recovered, synthetic_model
@@ -47,24 +48,20 @@ class Recipe:
 
     init_norm: float = 0.1
     unit: bool = False
-    l0: str = "quadratic"
+    l0: Literal["quadratic", "controller"] = "quadratic"
     bandwidth: float = 0.05
     lr: float = 3e-3
     threshold_lr: float = 3e-3
     beta1: float = 0.9
     beta2: float = 0.999
-    schedule: str = "constant"
+    schedule: Literal["constant", "wsd"] = "constant"
     clip: float = 1.0
-    theta_start: str = "constant"
-    b_dec_start: str = "zero"
+    theta_start: Literal["constant", "quantile"] = "constant"
+    b_dec_start: Literal["zero", "mean"] = "zero"
 
 
-CHOICES = {
-    "l0": ("quadratic", "controller"),
-    "schedule": ("constant", "wsd"),
-    "theta_start": ("constant", "quantile"),
-    "b_dec_start": ("zero", "mean"),
-}
+CHOICES = {name: get_args(kind) for name, kind in get_type_hints(Recipe).items() if get_args(kind)}
+"""The Recipe fields that take one of a few words, and those words (from their types)."""
 
 HSAE_RECIPE = Recipe(
     init_norm=1.0, unit=True, l0="controller", bandwidth=0.5, lr=5e-3, threshold_lr=0.03,
