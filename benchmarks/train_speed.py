@@ -53,6 +53,7 @@ def hsae_stepper(
     kernel: str,
     method: str = "hsae",
     decoder_init_norm: float | None = None,
+    window: str | None = None,
 ):
     """A function running one HSAE training step, after 10 warm-up steps (the first
     hierarchy update happens there, so links exist; one follows every 10 steps).
@@ -62,7 +63,7 @@ def hsae_stepper(
     (benchmarks/synthetic.py's seconds, and --quality here)."""
     warmup = 10
     model = HSAEConfig(method=method, sizes=sizes, target_l0=l0, update_every=warmup, l0_start=1.0,
-                       decoder_init_norm=decoder_init_norm)  # fmt: skip
+                       decoder_init_norm=decoder_init_norm, window=window)  # fmt: skip
     cfg = RunConfig(
         model=model,
         train=TrainConfig(steps=10**6, batch_size=data.shape[1], checkpoint_every=0,
@@ -189,11 +190,15 @@ def main() -> None:
         "--decoder-init-norm",
         type=float,
         default=None,
-        help="the default method's --model.decoder_init_norm (free norms from this start)",
+        help="the default method's --model.decoder_init_norm (default: the method's; 0: unit rows)",
     )
+    parser.add_argument(
+        "--window", choices=["fixed", "encoder"], default=None,
+        help="the default method's --model.window (default: the method's)",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.decoder_init_norm is not None and args.decoder_init_norm <= 0:
-        parser.error(f"--decoder-init-norm must be > 0, got {args.decoder_init_norm}")
+    if args.decoder_init_norm is not None and args.decoder_init_norm < 0:
+        parser.error(f"--decoder-init-norm must be >= 0, got {args.decoder_init_norm}")
     if args.quality:
         time_to_quality()
         return
@@ -205,7 +210,7 @@ def main() -> None:
              "lens": "SAE Lens (four SAEs)", "dense": "HSAE, dense reference kernel"}  # fmt: skip
     with kernel_settings(deterministic=True, device=torch.device("cpu")):  # as `hsae train`
         steppers = {"live": hsae_stepper(data, sizes, args.target_l0, "live", "hsae",
-                                         args.decoder_init_norm),
+                                         args.decoder_init_norm, args.window),
                     "paper": hsae_stepper(data, sizes, args.target_l0, "live", "paper"),
                     "lens": sae_lens_stepper(data, sizes, args.target_l0)}  # fmt: skip
         if args.dense:

@@ -17,6 +17,7 @@ Method = Literal["hsae", "paper"]
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 ParentPick = Literal["likely", "specific"]
 SparsityLoss = Literal["linear", "quadratic"]
+Window = Literal["fixed", "encoder"]
 TreeVariant = Literal["partial", "full", "binary", "fixed"]
 Links = Literal["joint", "posthoc"]
 DeadLatents = Literal["ghost_grads", "none"]
@@ -34,6 +35,14 @@ METHOD_L0_START: dict[Method, float] = {"hsae": 3.0, "paper": 1.0}
 """The multiple of target_l0 each method's L0 target starts at, unless --model.l0_start
 names one (hsae.method.controller anneals it to the target; 1 = the paper's fixed target).
 docs/training.md gives the measurements behind hsae's 3."""
+
+METHOD_DECODER_INIT_NORM: dict[Method, float] = {"hsae": 0.1, "paper": 0.0}
+"""Where each method's decoder rows start, unless --model.decoder_init_norm names it: 0 keeps
+unit rows throughout (the paper's); a positive norm starts there, with free norms."""
+
+METHOD_WINDOW: dict[Method, Window] = {"hsae": "encoder", "paper": "fixed"}
+"""Each method's straight-through window, unless --model.window names one. hsae's rows start
+at 0.1, where a fixed window would span half of every level (docs/training.md)."""
 
 REFERENCE_STEPS = 100_000
 """The run length the paper's controller constants were set for."""
@@ -80,17 +89,25 @@ class HSAEConfig:
     gets a gradient on few steps and barely moves in a short run; a wider one makes more
     entries live and the step slower: 0.5 trained as well as 1.0 (FVE 0.941 against 0.942)
     in 0.78x its time (docs/training.md)."""
+    window: Window | None = None
+    """Width of each feature's straight-through window (None: the method's, hsae encoder,
+    paper fixed). fixed: eps = bandwidth for every feature (the paper's; SAE Lens's).
+    encoder: eps_i = bandwidth * ||W_enc[:, i]||, so the window follows the scale of
+    feature i's pre-activations: with rows started small (decoder_init_norm 0.1) a fixed
+    window of 0.5 spans half of every level and the step is several times slower
+    (docs/training.md). With unit rows and the encoder their transpose both start at
+    bandwidth."""
     sparsity_loss: SparsityLoss = "linear"
     """linear: lambda_l L0_l, lambda steered by the controller (the paper's). quadratic:
     per level the mean over rows of 2/T (L0_row - T)^2 at the controller's target T, with
     weight 1 (Gemma Scope 2; SAE Lens's quadratic mode): a row far above T pays more than
     a row near it, a row below T is pushed to fire more (docs/hierarchy.md)."""
     decoder_init_norm: float | None = None
-    """None: decoder rows of unit norm throughout (the paper's). A number: every row starts
-    at this norm, the encoder its transpose, and the norms are free while training (SAE
-    Lens's start, from Anthropic's 2024 update: small rows turn fast early on); the
-    trained model folds the norms into the encoder and thresholds (HSAE.fold_decoder_norms),
-    so what is saved has unit rows."""
+    """None: the method's (hsae 0.1, paper 0). 0: decoder rows of unit norm throughout (the
+    paper's). A positive number: every row starts at this norm, the encoder its transpose,
+    and the norms are free while training (SAE Lens's start, from Anthropic's 2024 update:
+    small rows turn fast early on); the trained model folds the norms into the encoder and
+    thresholds (HSAE.fold_decoder_norms), so what is saved has unit rows."""
     similarity: Similarity | None = None
     """Parent choice, in place of the method's (hsae: conditional, paper: encoder): cosine
     of encoder columns, of decoder rows, EMA co-activation, or conditional: P(parent fires
@@ -126,6 +143,19 @@ class HSAEConfig:
         """Where the annealed L0 target starts: --model.l0_start, else the method's."""
         return self.l0_start if self.l0_start is not None else METHOD_L0_START[self.method]
 
+    @property
+    def decoder_start(self) -> float | None:
+        """The norm decoder rows start at, free while training; None: unit rows throughout.
+        --model.decoder_init_norm, else the method's."""
+        norm = self.decoder_init_norm
+        norm = METHOD_DECODER_INIT_NORM[self.method] if norm is None else norm
+        return norm if norm > 0 else None
+
+    @property
+    def window_rule(self) -> Window:
+        """The straight-through window: --model.window, else the method's."""
+        return self.window or METHOD_WINDOW[self.method]
+
     def validate(self) -> None:
         check_finite(self)
         _check_choice("method", self.method, Method)
@@ -148,13 +178,15 @@ class HSAEConfig:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("sparsity_loss", self.sparsity_loss, SparsityLoss)
+        if self.window is not None:
+            _check_choice("window", self.window, Window)
         if self.sparsity_loss == "quadratic" and (self.nested or self.support > 0):
             raise ConfigError(
                 "sparsity_loss quadratic is not combined with nested or support: both are "
                 "priced in units of the controller's lambda, which it does not use"
             )
-        if self.decoder_init_norm is not None and self.decoder_init_norm <= 0:
-            raise ConfigError(f"decoder_init_norm must be > 0, got {self.decoder_init_norm}")
+        if self.decoder_init_norm is not None and self.decoder_init_norm < 0:
+            raise ConfigError(f"decoder_init_norm must be >= 0, got {self.decoder_init_norm}")
         if self.bandwidth <= 0:
             raise ConfigError(f"bandwidth must be > 0, got {self.bandwidth}")
         if self.update_every <= 0:

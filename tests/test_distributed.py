@@ -47,7 +47,10 @@ def planted_cache(directory, rows: int = 8192, shard_tokens: int = 256) -> None:
 def test_two_gloo_processes_match_one(tmp_path, subprocess_env, python_exe, data):
     run = [*RUN, "--data", "planted", *TINY_FOREST_FLAGS]
     if data == "nested":  # nested levels fold the all-reduced gradients of shared features
-        run += ["--model.nested", "true"]
+        # on unit rows: with free norms from 0.1 the two runs agree to 1.3e-6 at 3, 10 and 20
+        # steps but 3e-3 at 30, where the all-reduce's summation order tips one entry over
+        # its threshold (a discrete event, not drift); unit rows: 2.4e-7 at 30
+        run += ["--model.nested", "true", "--model.decoder_init_norm", "0"]
     if data == "cache":  # the same forest, drawn into a cache
         planted_cache(tmp_path / "cache")
         run = [*RUN, "--data", str(tmp_path / "cache")]

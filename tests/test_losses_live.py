@@ -12,10 +12,13 @@ from hsae.method.losses_live import encode_live, hsae_loss_live, live_entries
 from hsae.method.model import HSAE
 
 
-def _model(sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0, free_norms=False) -> HSAE:
+def _model(
+    sizes=(16, 32, 64), d=12, bandwidth=0.2, seed=0, free_norms=False, window="fixed"
+) -> HSAE:
     model = HSAE(
-        d, sizes, bandwidth=bandwidth, seed=seed, decoder_init_norm=0.5 if free_norms else None
-    )
+        d, sizes, bandwidth=bandwidth, seed=seed, decoder_init_norm=0.5 if free_norms else None,
+        window=window,
+    )  # fmt: skip
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for level, n in enumerate(sizes):
@@ -57,24 +60,27 @@ def _loss_and_grads(model: HSAE, x, inp: LossInputs, fn, **kw):
 
 @pytest.mark.parametrize("sync_free", [False, True], ids=["exact", "capacity"])
 @pytest.mark.parametrize(
-    "rho, dead, support, free_norms, quadratic",
+    "rho, dead, support, free_norms, quadratic, window",
     [
-        (0.3, True, 0.0, False, False),
-        (0.0, False, 0.0, False, False),
-        (2.0, False, 0.0, False, False),
-        (0.3, True, 3.0, False, False),
-        (2.0, True, 0.0, True, False),
-        (0.3, True, 0.0, True, True),
+        (0.3, True, 0.0, False, False, "fixed"),
+        (0.0, False, 0.0, False, False, "fixed"),
+        (2.0, False, 0.0, False, False, "fixed"),
+        (0.3, True, 3.0, False, False, "fixed"),
+        (2.0, True, 0.0, True, False, "fixed"),
+        (0.3, True, 0.0, True, True, "fixed"),
+        (0.3, True, 3.0, True, False, "encoder"),
+        (0.3, True, 0.0, True, True, "encoder"),
     ],
 )
 def test_live_loss_equals_dense_loss_and_gradients(
-    sync_free, rho, dead, support, free_norms, quadratic
+    sync_free, rho, dead, support, free_norms, quadratic, window
 ):
     """Both paths, term by term and gradient by gradient; with free decoder norms every
     gradient is compared whole (HSAE.project_decoder_grads leaves free rows alone); with
-    the quadratic sparsity loss its term is the hand formula on each row's count."""
+    the quadratic sparsity loss its term is the hand formula on each row's count; with the
+    encoder window every feature has its own."""
     torch.manual_seed(0)
-    model = _model(free_norms=free_norms)
+    model = _model(free_norms=free_norms, window=window)
     x = torch.randn(48, 12, generator=torch.Generator().manual_seed(5)) * 1.5
     inp = _inputs(model, rho=rho, dead=dead, support=support, quadratic=quadratic)
     dense, g_dense = _loss_and_grads(model, x, inp, hsae_loss_dense)

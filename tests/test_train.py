@@ -610,8 +610,29 @@ def test_free_decoder_norms_train_free_and_end_with_unit_rows(tmp_path) -> None:
 
 
 def test_free_decoder_norms_refuse_a_bad_start() -> None:
-    with pytest.raises(ConfigError, match="decoder_init_norm must be > 0"):
-        tiny_cfg(decoder_init_norm=0.0).validate()
+    with pytest.raises(ConfigError, match="decoder_init_norm must be >= 0"):
+        tiny_cfg(decoder_init_norm=-0.1).validate()
+
+
+@pytest.mark.parametrize(
+    "method, norm, window, start, rule",
+    [
+        ("hsae", None, None, 0.1, "encoder"),  # the default method's start
+        ("paper", None, None, None, "fixed"),  # the paper's unit rows, its fixed window
+        ("hsae", 0.0, "fixed", None, "fixed"),  # 0: unit rows under any method
+        ("paper", 0.5, "encoder", 0.5, "encoder"),
+    ],
+)
+def test_decoder_start_and_window_are_the_methods_unless_named(
+    tmp_path, method, norm, window, start, rule
+) -> None:
+    cfg = tiny_cfg(method=method, decoder_init_norm=norm, window=window)
+    assert (cfg.model.decoder_start, cfg.model.window_rule) == (start, rule)
+    trainer = Trainer(cfg, TINY_FOREST.d, tiny_source().stream(128, 1), tmp_path)
+    trainer.init_fresh()
+    assert trainer.model.free_norms == (start is not None)
+    assert trainer.model.window == rule
+    assert cfg.model.baseline().decoder_start == (None if norm is None else start)
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])

@@ -2,10 +2,10 @@
 
     a = pi H(pi - theta),  dH/dtheta ~ -(1/eps) K((pi - theta)/eps),  K = 1 on |u| < 1/2
 
-eps is the bandwidth (design §1). Only theta gets a pseudo-gradient through H; pi gets
-the exact gradient of a where the feature is active. The support constraint's step
-(`SupportStep`) is the exception: it is meant to move where a feature fires, so pi gets
-the pseudo-gradient too.
+eps is the bandwidth (design §1), one for all features or one per feature (HSAE.eps).
+Only theta gets a pseudo-gradient through H; pi gets the exact gradient of a where the
+feature is active. The support constraint's step (`SupportStep`) is the exception: it is
+meant to move where a feature fires, so pi gets the pseudo-gradient too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class JumpReLU(torch.autograd.Function):
     """a = pi H(pi - theta); d/dtheta uses the pseudo-derivative -(theta/eps) K((pi-theta)/eps)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: Tensor | float) -> Tensor:
         ctx.save_for_backward(pre, theta)
         ctx.eps = eps
         return pre * (pre > theta)
@@ -42,7 +42,7 @@ class Step(torch.autograd.Function):
     """H(pi - theta) for the L0 penalty; only theta gets a gradient: -(1/eps) K((pi-theta)/eps)."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:
+    def forward(ctx, pre: Tensor, theta: Tensor, eps: Tensor | float) -> Tensor:
         ctx.save_for_backward(pre, theta)
         ctx.eps = eps
         return (pre > theta).to(pre.dtype)

@@ -143,7 +143,9 @@ def pc_loss_naive(a_p: Tensor, a_c: Tensor, dec_p: Tensor, dec_c: Tensor, parent
 # ---------------------------------------------------------------- support constraint (ours)
 
 
-def support_loss(pre_c: Tensor, theta_c: Tensor, a_p: Tensor, parent: Tensor, eps: float) -> Tensor:
+def support_loss(
+    pre_c: Tensor, theta_c: Tensor, a_p: Tensor, parent: Tensor, eps: Tensor | float
+) -> Tensor:
     """L_S for one pair of levels: mean over tokens of the number of linked children that
     fire where their parent is silent, H(pi_j - theta_j) [a_p(j) = 0].
 
@@ -261,7 +263,7 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
                 model, recon, a, acts[level + 1], level, inp.parents[level], m
             )
         mse = (recon - x).pow(2).sum(-1)
-        l0_row = Step.apply(pre, model.threshold[level], model.bandwidth).sum(-1)
+        l0_row = Step.apply(pre, model.threshold[level], model.eps(level)).sum(-1)
         l0_ste = l0_row.mean()
         term = sparsity_term(l0_ste, l0_row, inp, level)
         sparsity = sparsity + term
@@ -276,13 +278,13 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
     for level, parent in enumerate(inp.parents):
         if inp.rho > 0:
             W = model.W_dec
-            live = pres[level + 1] > model.threshold[level + 1] - model.bandwidth / 2
+            live = pres[level + 1] > model.threshold[level + 1] - model.eps(level + 1) / 2
             pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live,
                          model.free_norms)  # fmt: skip
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     support = support_term(inp, lambda level, parent: support_loss(
-        pres[level + 1], model.threshold[level + 1], acts[level], parent, model.bandwidth
+        pres[level + 1], model.threshold[level + 1], acts[level], parent, model.eps(level + 1)
     ), x.new_zeros(()))  # fmt: skip
     total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())

@@ -57,6 +57,8 @@ class Live:
     """pi at each entry; gradients reach W_enc, b_enc and b_dec."""
     act: Tensor
     """a = JumpReLU(pi) at each entry (zero for entries inside the window below theta)."""
+    eps: Tensor | float
+    """The straight-through window at each entry (its feature's; HSAE.eps)."""
     offsets: Tensor
     """Index of each token's first entry (the bags of ``F.embedding_bag``)."""
     order: Tensor
@@ -165,7 +167,8 @@ def encode_live(model: HSAE, x: Tensor, level: int, capacity: int | None = None)
     x_centred = x - model.b_dec[level].detach()
     with torch.no_grad():  # pi - b_enc, compared with theta - b_enc: one pass less over [B, n]
         pre_all = x_centred @ W
-        mask = pre_all > theta - b - model.bandwidth / 2
+        eps = model.eps(level)
+        mask = pre_all > theta - b - eps / 2
     tok, feat, valid, dropped = live_entries(mask, capacity)
     values = pre_all.view(-1).index_select(0, tok * W.shape[1] + feat).float() + b[feat]
     order, starts = feature_major(feat, W.shape[1])
@@ -174,10 +177,14 @@ def encode_live(model: HSAE, x: Tensor, level: int, capacity: int | None = None)
     )
     if valid is not None:  # padded entries: pushed far below theta, so they stay silent
         pre = torch.where(valid, pre, pre.detach() - 1e4)
-    act = JumpReLU.apply(pre, theta.index_select(0, feat), model.bandwidth)
+    if isinstance(eps, Tensor):
+        eps = eps.index_select(0, feat)
+    act = JumpReLU.apply(pre, theta.index_select(0, feat), eps)
     counts = _counts(tok, x.shape[0])
     offsets = counts.cumsum(0) - counts
-    return Live(tok, feat, pre, act, offsets, order, starts, valid, dropped, x.shape[0], W.shape[1])
+    return Live(
+        tok, feat, pre, act, eps, offsets, order, starts, valid, dropped, x.shape[0], W.shape[1]
+    )
 
 
 def decode_live(model: HSAE, live: Live, level: int) -> Tensor:
@@ -258,7 +265,7 @@ def pc_loss_live(
     return (parent_term - 2 * cross + siblings) / p.batch
 
 
-def support_loss_live(p: Live, c: Live, parent: Tensor, theta_c: Tensor, eps: float) -> Tensor:
+def support_loss_live(p: Live, c: Live, parent: Tensor, theta_c: Tensor) -> Tensor:
     """L_S for one pair of levels (:func:`hsae.method.losses.support_loss`) from live
     entries: every child entry whose step or window is nonzero is live."""
     linked = parent >= 0
@@ -267,7 +274,7 @@ def support_loss_live(p: Live, c: Live, parent: Tensor, theta_c: Tensor, eps: fl
     silent = linked[c.feat] & (parent_fires == 0)
     if c.valid is not None:
         silent = silent & c.valid
-    step = SupportStep.apply(c.pre, theta_c.index_select(0, c.feat), eps)
+    step = SupportStep.apply(c.pre, theta_c.index_select(0, c.feat), c.eps)
     return (step * silent).sum() / c.batch
 
 
@@ -336,7 +343,7 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             mse = (recon - x).pow(2).sum(-1)
         theta = model.threshold[level]
         theta_e = theta.index_select(0, live.feat)
-        step = Step.apply(live.pre, theta_e, model.bandwidth)
+        step = Step.apply(live.pre, theta_e, live.eps)
         l0 = step.sum() / x.shape[0]
         l0_row = None
         if inp.l0_targets is not None:  # the quadratic loss prices each row's L0
@@ -357,7 +364,7 @@ def hsae_loss_live(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     support = support_term(inp, lambda level, parent: support_loss_live(
-        lives[level], lives[level + 1], parent, model.threshold[level + 1], model.bandwidth
+        lives[level], lives[level + 1], parent, model.threshold[level + 1]
     ), x.new_zeros(()))  # fmt: skip
     total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())

@@ -33,11 +33,14 @@ class HSAE(nn.Module):
         bandwidth: float,
         seed: int = 0,
         decoder_init_norm: float | None = None,
+        window: str = "fixed",
     ):
         """decoder_init_norm: None keeps decoder rows at unit norm; a number starts them at
-        that norm and leaves the norms free (HSAEConfig.decoder_init_norm)."""
+        that norm and leaves the norms free (HSAEConfig.decoder_init_norm). window: fixed or
+        encoder (HSAEConfig.window)."""
         super().__init__()
         self.d_in, self.sizes, self.bandwidth = d_in, tuple(sizes), bandwidth
+        self.window = window
         self.free_norms = decoder_init_norm is not None
         gen = torch.Generator().manual_seed(seed)
         norm = 1.0 if decoder_init_norm is None else decoder_init_norm
@@ -68,9 +71,17 @@ class HSAE(nn.Module):
             W, b = W[:, idx], b[idx]
         return (x - self.b_dec[level].detach()) @ W + b
 
+    def eps(self, level: int) -> Tensor | float:
+        """The straight-through window of each of the level's features (HSAEConfig.window):
+        the bandwidth, or the bandwidth times the feature's encoder column norm (no gradient:
+        the window is where the estimator looks, not something to train)."""
+        if self.window == "fixed":
+            return self.bandwidth
+        return self.bandwidth * self.W_enc[level].detach().norm(dim=0)
+
     def activate(self, pre: Tensor, level: int) -> Tensor:
         """a_l = JumpReLU(pi_l) with straight-through gradients for theta."""
-        return JumpReLU.apply(pre, self.threshold[level], self.bandwidth)
+        return JumpReLU.apply(pre, self.threshold[level], self.eps(level))
 
     def encode(self, x: Tensor) -> list[Tensor]:
         return [self.activate(self.pre_acts(x, level), level) for level in range(self.n_levels)]
@@ -114,8 +125,8 @@ class HSAE(nn.Module):
             q = 1.0 - target / n
             theta = upper_quantile(pre, q)
             # at least eps/2: the window below theta then holds positive pre-activations only
-            floor = max(THRESHOLD_FLOOR, self.bandwidth / 2)
-            self.threshold[level].copy_(theta.clamp(min=floor))
+            floor = torch.as_tensor(self.eps(level)) / 2
+            self.threshold[level].copy_(theta.clamp(min=floor).clamp(min=THRESHOLD_FLOOR))
 
     @torch.no_grad()
     def project_decoder_grads(self) -> None:

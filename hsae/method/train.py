@@ -147,7 +147,12 @@ class Trainer:
         m, t = cfg.model, cfg.train
         self.device = distributed.resolve_device(t.device)
         self.model = HSAE(
-            d_in, m.sizes, m.bandwidth, seed=t.seed, decoder_init_norm=m.decoder_init_norm
+            d_in,
+            m.sizes,
+            m.bandwidth,
+            seed=t.seed,
+            decoder_init_norm=m.decoder_start,
+            window=m.window_rule,
         ).to(self.device)
         self.hierarchy = Hierarchy(m, self.device)
         eta, momentum, lambda_step = t.controller_constants()
