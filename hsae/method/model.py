@@ -125,7 +125,7 @@ class HSAE(nn.Module):
             q = 1.0 - target / n
             theta = upper_quantile(pre, q)
             # at least eps/2: the window below theta then holds positive pre-activations only
-            floor = torch.as_tensor(self.eps(level)) / 2
+            floor = torch.as_tensor(self.eps(level), device=theta.device) / 2
             self.threshold[level].copy_(theta.clamp(min=floor).clamp(min=THRESHOLD_FLOOR))
 
     @torch.no_grad()
