@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from typing import get_args
 
 import torch
 
-from hsae.config import HSAEConfig, RunConfig, TrainConfig
+from hsae.config import HSAEConfig, RunConfig, TrainConfig, Window
 from hsae.method.train import Trainer, kernel_settings
 
 
@@ -193,7 +194,7 @@ def main() -> None:
         help="the default method's --model.decoder_init_norm (default: the method's; 0: unit rows)",
     )
     parser.add_argument(
-        "--window", choices=["fixed", "encoder"], default=None,
+        "--window", choices=get_args(Window), default=None,
         help="the default method's --model.window (default: the method's)",
     )  # fmt: skip
     args = parser.parse_args()

@@ -250,6 +250,7 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
     """L_HSAE on one batch: the sum of the per-level SAE losses and rho * the PC losses."""
     pres = [model.pre_acts(x, level) for level in range(model.n_levels)]
     acts = [model.activate(pre, level) for level, pre in enumerate(pres)]
+    eps = [model.eps(level) for level in range(model.n_levels)]
     total_var = (x - x.mean(0)).pow(2).sum(-1).mean()
     total, l0s, fves, mses, pcs = x.new_zeros(()), [], [], [], []
     sparsity, ghost = x.new_zeros(()), x.new_zeros(())
@@ -263,7 +264,7 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
                 model, recon, a, acts[level + 1], level, inp.parents[level], m
             )
         mse = (recon - x).pow(2).sum(-1)
-        l0_row = Step.apply(pre, model.threshold[level], model.eps(level)).sum(-1)
+        l0_row = Step.apply(pre, model.threshold[level], eps[level]).sum(-1)
         l0_ste = l0_row.mean()
         term = sparsity_term(l0_ste, l0_row, inp, level)
         sparsity = sparsity + term
@@ -278,13 +279,13 @@ def hsae_loss_dense(model: HSAE, x: Tensor, inp: LossInputs) -> LossOutput:
     for level, parent in enumerate(inp.parents):
         if inp.rho > 0:
             W = model.W_dec
-            live = pres[level + 1] > model.threshold[level + 1] - model.eps(level + 1) / 2
+            live = pres[level + 1] > model.threshold[level + 1] - eps[level + 1] / 2
             pc = pc_loss(acts[level], acts[level + 1], W[level], W[level + 1], parent, live,
                          model.free_norms)  # fmt: skip
             total = total + inp.rho * pc
             pcs.append(pc.detach())
     support = support_term(inp, lambda level, parent: support_loss(
-        pres[level + 1], model.threshold[level + 1], acts[level], parent, model.eps(level + 1)
+        pres[level + 1], model.threshold[level + 1], acts[level], parent, eps[level + 1]
     ), x.new_zeros(()))  # fmt: skip
     total = total + support
     pc_sum = torch.stack(pcs).sum() if pcs else x.new_zeros(())
