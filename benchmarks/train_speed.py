@@ -1,7 +1,7 @@
 """HSAE against SAE Lens, training the same four dictionaries on the same activations.
 
-(a) HSAE, its default method and the paper's (`--model.method paper`), with the paper's
-mechanisms on (constraint loss, substitution, linked levels);
+(a) HSAE, its default method (constraint loss, linked levels) and the paper's
+(`--model.method paper`: the substitution too);
 (b) SAE Lens JumpReLU training SAEs of the four sizes, one after another, each through
 SAE Lens's own `training_forward_pass`, backward and an Adam step. Both read the same
 in-memory activations (d = 384 by default, batch 1024, target L0 32, fp32, this CPU's

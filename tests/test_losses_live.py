@@ -159,7 +159,7 @@ def test_gpu_training_step_never_syncs_with_the_host(tmp_path) -> None:
 
     data = torch.randn(4, 256, 32, device="cuda")
     cfg = RunConfig(
-        model=HSAEConfig(sizes=(64, 128, 256), target_l0=8, update_every=5),
+        model=HSAEConfig(sizes=(64, 128, 256), target_l0=8, update_every=5, perturb_rate=0.05),
         train=TrainConfig(steps=100, batch_size=256, checkpoint_every=0, progress=False,
                           scale_tokens=256, device="cuda"),
     )  # fmt: skip

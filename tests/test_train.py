@@ -95,7 +95,8 @@ def one_line(message: str) -> None:
 @pytest.mark.parametrize(
     "model, train, crash_at",
     [
-        (dict(similarity="encoder", tree="partial"), {}, 25),
+        # The paper's substitution draws a mask every step (hsae's default draws none).
+        (dict(similarity="encoder", tree="partial", perturb_rate=0.05), {}, 25),
         # Co-activation statistics are extra checkpoint state. Small batches and
         # dead_after = 1 make several features count as dead at step 24, so the ghost-grad
         # bookkeeping (since_fired) matters too. (scale_tokens stays below 24 batches: the
@@ -633,6 +634,28 @@ def test_decoder_start_and_window_are_the_methods_unless_named(
     assert trainer.model.free_norms == (start is not None)
     assert trainer.model.window == rule
     assert cfg.model.baseline().decoder_start == (None if norm is None else start)
+
+
+@pytest.mark.parametrize(
+    "method, rate, want", [("hsae", None, 0.0), ("paper", None, 0.05), ("hsae", 0.2, 0.2)]
+)
+def test_the_substitution_rate_is_the_methods_unless_named(
+    tmp_path, method: str, rate: float | None, want: float
+) -> None:
+    """hsae trains without the paper's perturbation, the paper's HSAE with r = 0.05; a
+    named --model.perturb_rate wins. Once links exist, a step draws a substitution mask
+    for every level with parents exactly when r > 0."""
+    cfg = tiny_cfg(steps=20, method=method, perturb_rate=rate, update_every=5)
+    assert cfg.model.substitution_rate == want
+    assert cfg.model.baseline().substitution_rate == 0.0
+    trainer = make_trainer(cfg, tmp_path)
+    trainer.init_fresh()
+    batches = trainer.stream(0)
+    for _ in range(6):  # past the first hierarchy update
+        trainer.train_step(next(batches))
+    assert any(p.ge(0).any() for p in trainer.hierarchy.parents)
+    masks = trainer.loss_inputs().substitution
+    assert all((m is not None) == (want > 0) for m in masks), masks
 
 
 @pytest.mark.parametrize("clip", [0.0, 0.05])

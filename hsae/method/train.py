@@ -280,9 +280,9 @@ class Trainer:
         gen = step_generator(t.seed, self.step, stream=1, device=self.device)
         substitution: list[Tensor | None] = []
         for level in range(len(self.hierarchy.parents)):
-            if m.perturb_rate > 0 and m.links == "joint":
+            if m.substitution_rate > 0 and m.links == "joint":
                 has = self.hierarchy.has_children(level)
-                substitution.append(draw_substitution(has, m.perturb_rate, gen))
+                substitution.append(draw_substitution(has, m.substitution_rate, gen))
             else:
                 substitution.append(None)
         dead = None
