@@ -34,7 +34,7 @@ parent: docs/hierarchy.md gives the measurements behind hsae's choice."""
 METHOD_PERTURB_RATE: dict[Method, float] = {"hsae": 0.0, "paper": 0.05}
 """The substitution rate r each method uses unless --model.perturb_rate names one. hsae
 trains without the paper's perturbation: on SAE Lens's data it costs a quarter of the true
-features learned and every true link (docs/hierarchy.md)."""
+features learned (docs/hierarchy.md)."""
 
 METHOD_L0_START: dict[Method, float] = {"hsae": 3.0, "paper": 1.0}
 """The multiple of target_l0 each method's L0 target starts at, unless --model.l0_start
