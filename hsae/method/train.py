@@ -278,11 +278,12 @@ class Trainer:
     def loss_inputs(self) -> LossInputs:
         m, t = self.cfg.model, self.cfg.train
         gen = step_generator(t.seed, self.step, stream=1, device=self.device)
+        rate = m.substitution_rate if m.links == "joint" else 0.0  # post hoc: no links yet
         substitution: list[Tensor | None] = []
         for level in range(len(self.hierarchy.parents)):
-            if m.substitution_rate > 0 and m.links == "joint":
+            if rate > 0:
                 has = self.hierarchy.has_children(level)
-                substitution.append(draw_substitution(has, m.substitution_rate, gen))
+                substitution.append(draw_substitution(has, rate, gen))
             else:
                 substitution.append(None)
         dead = None
