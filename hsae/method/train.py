@@ -277,15 +277,13 @@ class Trainer:
 
     def loss_inputs(self) -> LossInputs:
         m, t = self.cfg.model, self.cfg.train
-        gen = step_generator(t.seed, self.step, stream=1, device=self.device)
         rate = m.substitution_rate if m.links == "joint" else 0.0  # post hoc: no links yet
-        substitution: list[Tensor | None] = []
-        for level in range(len(self.hierarchy.parents)):
-            if rate > 0:
-                has = self.hierarchy.has_children(level)
-                substitution.append(draw_substitution(has, rate, gen))
-            else:
-                substitution.append(None)
+        levels = range(len(self.hierarchy.parents))
+        substitution: list[Tensor | None] = [None for _ in levels]
+        if rate > 0:  # the generator is seeded by the step: none to build where r = 0
+            gen = step_generator(t.seed, self.step, stream=1, device=self.device)
+            has = [self.hierarchy.has_children(level) for level in levels]
+            substitution = [draw_substitution(h, rate, gen) for h in has]
         dead = None
         if t.dead_latents == "ghost_grads":
             dead = [s >= t.dead_after for s in self.since_fired]
