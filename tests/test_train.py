@@ -17,7 +17,7 @@ import torch
 from conftest import TINY_RUN_FLAGS, flip_signs
 
 from hsae import pipeline
-from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
+from hsae.config import METHOD_CLIP_GRAD, ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
 from hsae.io import FormatError, load_json, load_safetensors
 from hsae.method.checkpoint import load_checkpoint
@@ -658,20 +658,38 @@ def test_the_substitution_rate_is_the_methods_unless_named(
     assert all((m is not None) == (want > 0) for m in masks), masks
 
 
-@pytest.mark.parametrize("clip", [0.0, 0.05])
-def test_clip_grad_bounds_the_global_gradient_norm(tmp_path, clip: float) -> None:
-    """--train.clip_grad: the gradient a step applies has global norm <= clip; without it
-    the same step's norm is larger (so the bound is not vacuous)."""
-    cfg = tiny_cfg(steps=10, train=dict(clip_grad=clip))
+def applied_gradient_norm(cfg: RunConfig, tmp_path) -> float:
+    """The global norm of the gradient the first training step applied (after clipping)."""
     trainer = Trainer(cfg, TINY_FOREST.d, tiny_source().stream(128, 1), tmp_path)
     trainer.init_fresh()
     trainer.train_step(next(trainer.stream(0)))
     grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.05])
+def test_clip_grad_bounds_the_global_gradient_norm(tmp_path, clip: float) -> None:
+    """--train.clip_grad: the gradient a step applies has global norm <= clip; without it
+    the same step's norm is larger (so the bound is not vacuous)."""
+    norm = applied_gradient_norm(tiny_cfg(steps=10, train=dict(clip_grad=clip)), tmp_path)
     if clip:
         assert norm <= clip * (1 + 1e-4)
     else:
         assert norm > 0.05
+
+
+@pytest.mark.parametrize("method", ["hsae", "paper"])
+def test_each_method_clips_at_its_own_bound(tmp_path, method: str) -> None:
+    """Without --train.clip_grad, hsae clips the global norm at METHOD_CLIP_GRAD's 25 and
+    the paper's HSAE does not clip. A large sparsity weight makes the first step's
+    gradient far larger than 25, so the paper's norm shows the bound is not vacuous."""
+    cfg = tiny_cfg(steps=10, method=method, train=dict(lambda_init=1e4))
+    assert cfg.clip_bound == METHOD_CLIP_GRAD[method]
+    norm = applied_gradient_norm(cfg, tmp_path)
+    if method == "hsae":
+        assert norm <= 25 * (1 + 1e-4)
+    else:
+        assert norm > 100
 
 
 def test_quadratic_sparsity_holds_l0_near_target(tmp_path) -> None:
