@@ -251,8 +251,8 @@ class TrainConfig:
     beta1: float = 0.0
     beta2: float = 0.995
     clip_grad: float | None = None
-    """Clip the gradient's global norm to this before each step (0: no clipping, the
-    paper's; SAE Lens's trainer clips at 1); None: the method's (RunConfig.clip_bound)."""
+    """Clip the gradient's global norm to this before each step (0: no clipping; SAE Lens's
+    trainer clips at 1). None: the method's, hsae 25, paper 0 (RunConfig.clip_bound)."""
     seed: int = 0
     l0_ema_momentum: float = 0.999
     """Momentum of the per-level L0 EMA of the sparsity controller, for a run of
