@@ -52,11 +52,11 @@ at 0.1, where a fixed window would span half of every level (docs/training.md)."
 METHOD_CLIP_GRAD: dict[Method, float] = {"hsae": 25.0, "paper": 0.0}
 """The bound on the gradient's global norm each method trains with, unless --train.clip_grad
 names one (0: no clipping, the paper's). hsae's 25 binds only where gradients are large:
-on the CPU benchmarks (d 256, norm 90 at the start, 16-20 from step 200) in the first
-200 steps, where without it Adam's second moment remembers the early gradients and damps
-the steps after; it never bound on the demo's forest (d 64). docs/hierarchy.md gives the
-measurements: `cpu-ssb` FVE within 0.01 of SAE Lens's at every level, at a cost of 16-26
-true features on `cpu`."""
+on the CPU benchmarks (d 256, norm about 90 at the start, 16-22 from step 200) in the
+first 200 steps, where without it Adam's second moment remembers the early gradients and
+damps the steps after; on the demo's forest (d 64) it changed only seed 1's links.
+docs/hierarchy.md gives the measurements: `cpu-ssb` FVE within 0.01 of SAE Lens's at
+every level, at a cost of 16-26 true features on `cpu`."""
 
 REFERENCE_STEPS = 100_000
 """The run length the paper's controller constants were set for."""

@@ -310,8 +310,8 @@ class Trainer:
         if self.cfg.model.nested:
             nested.fold_grads(self.model)
         self.model.project_decoder_grads()
-        if self.cfg.clip_bound > 0:  # sync-free: the norm stays on the device
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_bound)
+        if (clip := self.cfg.clip_bound) > 0:  # sync-free: the norm stays on the device
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.opt.step()
         self.model.apply_constraints()
         if self.cfg.model.nested:
