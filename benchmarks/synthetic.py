@@ -45,6 +45,7 @@ level and per level; seconds.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -63,7 +64,8 @@ from hsae.flags import section_overrides
 from hsae.interop.posthoc import link_by_firing, link_levels
 from hsae.io import atomic_write_json
 from hsae.method.model import HSAE, unit_rows
-from hsae.method.train import Trainer
+from hsae.method.prune import prune_levels
+from hsae.method.train import PRUNE_ROWS, Trainer
 from hsae.trained_dir import LevelWeights
 
 
@@ -392,19 +394,25 @@ PEERS = {
 RELINKABLE = ("saelens", "matryoshka", "mp")
 """Peers linked post hoc, which --peer-links can link again by hsae's conditional rule (the
 Tree SAE's links are its allocation, part of what it trains)."""
-PEER_LINKS = {"conditional": "likely", "specific": "specific"}
+PEER_LINKS = {"conditional": "likely", "specific": "specific", "pruned": "specific"}
 """--peer-links values beyond `own` (the peer's own post-hoc rule): hsae's conditional
-rule with its parent_pick."""
+rule with its parent_pick; pruned: hsae's pruned levels first (hsae.method.prune, at
+tolerance 0, on the first PRUNE_ROWS training rows), then the most specific parent."""
 LINK_ROWS = 262_144
 """Training rows whose firing the conditional rule counts for a peer's post-hoc links."""
 
 
-def peer_links(model, parents: list, rows: Tensor, links: str) -> list:
-    """The peer's own links, or its levels linked again by hsae's conditional rule."""
+def peer_links(model, parents: list, rows: Tensor, links: str) -> tuple[HSAE, list]:
+    """The peer's own links, or its levels linked again by hsae's conditional rule (pruned
+    first: on a copy, so that the peer's other rows read its own levels)."""
     if links == "own":
-        return parents
+        return model, parents
+    if links == "pruned":
+        model = copy.deepcopy(model)
+        head = [model.scaled(rows[i : i + 4096]) for i in range(0, PRUNE_ROWS, 4096)]
+        prune_levels(model, head, tolerance=0.0)
     batches = (rows[i : i + 4096] for i in range(0, min(LINK_ROWS, rows.shape[0]), 4096))
-    return link_by_firing(model, batches, PEER_LINKS[links])
+    return model, link_by_firing(model, batches, PEER_LINKS[links])
 
 
 # ---------------------------------------------------------------- the measures
@@ -537,6 +545,20 @@ def row(name: str, r: dict) -> str:
     )
 
 
+def config_file_fields(parser: argparse.ArgumentParser, path: str | None) -> dict:
+    """--config's fields in --set's form (model fields bare, train fields train.-prefixed)."""
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"--config {path}: {err}")
+    if not isinstance(data, dict) or set(data) - {"model", "train"}:
+        parser.error(f"--config {path}: expected an object with 'model' and 'train' sections")
+    return data.get("model", {}) | {f"train.{k}": v for k, v in data.get("train", {}).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="cpu")
@@ -554,7 +576,14 @@ def main() -> None:
         choices=["own", *PEER_LINKS],
         default=["own"],
         help=f"how {', '.join(RELINKABLE)} are linked, one row each: own (their post-hoc rule), "
-        "conditional (hsae's rule), specific (hsae's rule, parent_pick=specific)",
+        "conditional (hsae's rule), specific (hsae's rule, parent_pick=specific), pruned "
+        "(hsae's pruned levels, then specific; not mp, whose levels encode by pursuit)",
+    )
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a JSON file with 'model' and 'train' sections for hsae and paper, as `hsae "
+        "train --config` reads it (e.g. examples/synthsaebench.json); --set overrides it",
     )
     parser.add_argument("--json", default=None, help="also write every report here")
     parser.add_argument("--progress", action="store_true", help="hsae's progress bars")
@@ -569,12 +598,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f"--json: no folder for {args.json}")
+    if "pruned" in args.peer_links and "mp" in args.methods:
+        parser.error("--peer-links pruned: mp's levels encode by pursuit and cannot be pruned")
     if bad := [kv for kv in args.set if "=" not in kv]:
         parser.error(f"--set takes FIELD=VALUE, got {bad}")
     try:
         given = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     except json.JSONDecodeError as err:
         parser.error(f'--set values are JSON (1, 0.5, true, "paper"): {err}')
+    given = config_file_fields(parser, args.config) | given
     overrides = {k: v for k, v in given.items() if not k.startswith("train.")}
     train_overrides = section_overrides(argparse.Namespace(**given), "train")
     if fixed := sorted(set(train_overrides) & {"steps", "seed", "checkpoint_every", "progress"}):
@@ -613,8 +645,8 @@ def main() -> None:
                 )
             seconds = time.perf_counter() - started
             for links in args.peer_links if method in RELINKABLE else ["own"]:
-                linked = peer_links(model, parents, train_rows, links)
-                report = measure(model, linked, eval_rows, gt, truth) | {"seconds": seconds}
+                linked_model, linked = peer_links(model, parents, train_rows, links)
+                report = measure(linked_model, linked, eval_rows, gt, truth) | {"seconds": seconds}
                 name = method if links == "own" else f"{method}+{links}"
                 reports[f"{name}/{seed}"] = report
                 print(row(f"{name} s{seed}", report), flush=True)

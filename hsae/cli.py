@@ -83,6 +83,10 @@ def cmd_train(opts: TrainOptions) -> None:
         f"(method {cfg.model.method}, links by {cfg.model.link_rule}); "
         f"model written to {Path(opts.out) / MODEL_DIR}"
     )
+    if cfg.model.prune:
+        pruned = result.summary["pruned_levels"]
+        taken = ", ".join(f"level {lv} from level {lv + 1}" for lv in pruned)
+        print(f"pruned: {taken or 'none (every level explains more with its own features)'}")
     if opts.eval_tokens:
         report = pipeline.evaluate_model(
             result.model, result.hierarchy.parents, source, opts.eval_tokens

@@ -94,6 +94,14 @@ class HSAEConfig:
     and steered to target_l0; a coarser level fires the part of it that is its own. An
     inherited feature carries no link: links join a new feature to the level above.
     hsae.method.nested; measured in docs/hierarchy.md."""
+    prune: bool = False
+    """After training, each coarse level becomes the finer level's n_l most energetic
+    features wherever that explains at least its own FVE less prune_tolerance, and the
+    links are made again (ours, off by default). A flat level absorbs the parents that
+    the finer level learns apart from their children (hsae/method/prune.py); it pays
+    where the finest level learns the parents (docs/hierarchy.md)."""
+    prune_tolerance: float = 0.0
+    """The FVE a level may lose to pruning: 0 prunes only where it costs nothing."""
     support: float = 0.0
     """Weight s of the support constraint L_S (ours, not the paper's): a linked child
     firing where its parent is silent pays (1 + s) times the L0 price. 0 turns it off."""
@@ -191,12 +199,14 @@ class HSAEConfig:
                 "support and nested are not combined: with nesting only the "
                 "finest level's L0 is priced, which L_S's weight reads"
             )
+        if self.nested and self.prune:
+            raise ConfigError("prune and nested are not combined: nested levels are prefixes")
         if self.l0_start is not None and self.l0_start < 1:
             raise ConfigError(f"l0_start must be >= 1, got {self.l0_start}")
         _check_unit("perturb_rate", self.substitution_rate)
         for name in ("unassigned_quantile", "coact_momentum", "link_threshold"):
             _check_unit(name, getattr(self, name))
-        for name in ("rho", "support"):
+        for name in ("rho", "support", "prune_tolerance"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("sparsity_loss", self.sparsity_loss, SparsityLoss)
@@ -224,7 +234,7 @@ class HSAEConfig:
         by the paper's rule."""
         return dataclasses.replace(
             self, method="paper", similarity=None, l0_start=None, rho=0.0, perturb_rate=0.0,
-            support=0.0, nested=False, links="posthoc",
+            support=0.0, nested=False, links="posthoc", prune=False,
         )  # fmt: skip
 
 

@@ -225,6 +225,17 @@ class Hierarchy:
             counts.zero_()  # the next update reads the tokens after this one
         self.frozen = self.cfg.tree == "fixed"
 
+    @torch.no_grad()
+    def relink(self, model: HSAE, rows: list[Tensor]) -> None:
+        """Links made afresh from the model's firing on ``rows`` (scaled batches): after its
+        features were replaced (hsae.method.prune), the counts so far describe others."""
+        for counts in (self.both or []) + (self.fires or []):
+            counts.zero_()
+        for x in rows:
+            self.observe(model.encode(x))
+        self.frozen = False
+        self.update(model)
+
     def state_tensors(self) -> dict[str, Tensor]:
         out = {f"hierarchy.parents.{i}": p for i, p in enumerate(self.parents)}
         for i, c in enumerate(self.coact or []):

@@ -30,7 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hsae.config import ConfigError, RunConfig
-from hsae.method import checkpoint, distributed, nested
+from hsae.method import checkpoint, distributed, nested, prune
 from hsae.method.controller import SparsityController
 from hsae.method.hierarchy import COUNT_WINDOW, Hierarchy
 from hsae.method.losses import LossInputs, LossOutput, draw_substitution
@@ -42,6 +42,8 @@ Stream = Callable[[int], Iterator[Tensor]]
 """stream(start_step) yields the raw (unscaled) batch of every step from start_step on."""
 
 CHECKPOINT = "checkpoint.safetensors"
+PRUNE_ROWS = 65_536
+"""Rows the pruning decision and the links after it read (hsae.method.prune)."""
 
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device | str = "cpu"):
@@ -167,6 +169,7 @@ class Trainer:
         self.step = 0
         self.last: LossOutput | None = None  # the latest step's output, for the progress bar
         self.dropped = torch.zeros((), dtype=torch.long, device=self.device)
+        self.pruned: list[int] = []  # the levels pruned after training
         self.live_capacity = None  # the CPU takes exact live sets; a GPU fixed sizes (no sync)
         if self.device.type == "cuda":
             rows = math.ceil(t.batch_size / distributed.world_size())
@@ -407,12 +410,23 @@ class Trainer:
             if log is not None:
                 log.close()
         bar.close()
+        if self.cfg.model.prune:
+            self.prune(batches)
         if self.cfg.model.links == "posthoc":
             self.hierarchy.update(self.model)
         if self.model.free_norms:  # what is saved and measured has unit decoder rows
             self.model.fold_decoder_norms()
         seconds = time.perf_counter() - started_at
         return TrainResult(self.model, self.hierarchy, self.summary(start, seconds))
+
+    def prune(self, batches: Iterator[Tensor]) -> None:
+        """Pruned levels (hsae.method.prune), decided on the PRUNE_ROWS rows that follow the
+        run's, then the links made again on them."""
+        n_batches = max(1, PRUNE_ROWS // self.cfg.train.batch_size)
+        rows = [self.model.scaled(next(batches)) for _ in range(n_batches)]
+        self.pruned = prune.prune_levels(self.model, rows, self.cfg.model.prune_tolerance)
+        if self.pruned and self.cfg.model.links == "joint":
+            self.hierarchy.relink(self.model, rows)
 
     def _check_finite(self, loss: Tensor) -> None:
         if not torch.isfinite(loss):
@@ -473,4 +487,5 @@ class Trainer:
             "lambdas": self.controller.lambdas.tolist(),
             "scale": float(self.model.scale),
             "world_size": distributed.world_size(),
+            "pruned_levels": self.pruned,
         }
