@@ -126,6 +126,19 @@ def test_a_pruned_run_holds_finer_features_and_links_no_copy(tmp_path):
     assert any(p.ge(0).any() for p in result.hierarchy.parents)
 
 
+def test_a_pruned_posthoc_run_links_from_the_pruned_features(tmp_path):
+    """Post-hoc links are made once, after pruning, from firing counted on the pruned
+    levels: a kept feature is never its own parent, and links exist."""
+    _, result = tiny_run(tmp_path, prune=True, prune_tolerance=1.0, links="posthoc")
+    assert result.summary["pruned_levels"] == [1, 0]
+    dec = result.model.W_dec
+    for level, parents in enumerate(result.hierarchy.parents):
+        for child, parent in enumerate(parents.tolist()):
+            if parent >= 0:
+                assert not torch.equal(dec[level + 1][child], dec[level][parent])
+    assert any(p.ge(0).any() for p in result.hierarchy.parents)
+
+
 def test_an_unpruned_run_keeps_its_own_levels(tmp_path):
     _, result = tiny_run(tmp_path, prune=False)
     assert result.summary["pruned_levels"] == []

@@ -412,7 +412,7 @@ class Trainer:
         bar.close()
         if self.cfg.model.prune:
             self.prune(batches)
-        if self.cfg.model.links == "posthoc":
+        if self.cfg.model.links == "posthoc" and not self.pruned:  # pruning has linked
             self.hierarchy.update(self.model)
         if self.model.free_norms:  # what is saved and measured has unit decoder rows
             self.model.fold_decoder_norms()
@@ -421,11 +421,12 @@ class Trainer:
 
     def prune(self, batches: Iterator[Tensor]) -> None:
         """Pruned levels (hsae.method.prune), decided on the PRUNE_ROWS rows that follow the
-        run's, then the links made again on them."""
+        run's, then the links made again on them (joint or post hoc: the counts of the run
+        describe the features that were replaced)."""
         n_batches = max(1, PRUNE_ROWS // self.cfg.train.batch_size)
         rows = [self.model.scaled(next(batches)) for _ in range(n_batches)]
         self.pruned = prune.prune_levels(self.model, rows, self.cfg.model.prune_tolerance)
-        if self.pruned and self.cfg.model.links == "joint":
+        if self.pruned:
             self.hierarchy.relink(self.model, rows)
 
     def _check_finite(self, loss: Tensor) -> None:
