@@ -23,8 +23,7 @@ from torch import Tensor
 
 from hsae.method import distributed
 from hsae.method.model import HSAE
-
-LEVEL_PARAMS = ("W_enc", "b_enc", "threshold", "W_dec", "b_dec")
+from hsae.trained_dir import LEVEL_KEYS
 
 
 @torch.no_grad()
@@ -60,20 +59,22 @@ def take_features(model: HSAE, level: int, keep: Tensor) -> None:
     model.b_dec[level].copy_(model.b_dec[finer])
 
 
+@torch.no_grad()
 def prune_levels(model: HSAE, rows: list[Tensor], tolerance: float) -> list[int]:
     """Prune every coarse level where it costs at most ``tolerance`` of FVE on ``rows``
     (scaled batches, the same on every call); returns the pruned levels, finest first."""
     pruned = []
+    _, finer_energy = level_fit(model, model.n_levels - 1, rows)
     for level in reversed(range(model.n_levels - 1)):
-        own, _ = level_fit(model, level, rows)
-        _, energy = level_fit(model, level + 1, rows)
-        keep = energy.topk(model.sizes[level]).indices.sort().values
-        saved = {name: getattr(model, name)[level].detach().clone() for name in LEVEL_PARAMS}
+        own, own_energy = level_fit(model, level, rows)
+        keep = finer_energy.topk(model.sizes[level]).indices.sort().values
+        saved = {name: getattr(model, name)[level].clone() for name in LEVEL_KEYS}
         take_features(model, level, keep)
-        if level_fit(model, level, rows)[0] >= own - tolerance:
+        fve, finer_energy = level_fit(model, level, rows)  # the next level up reads these
+        if fve >= own - tolerance:
             pruned.append(level)
             continue
-        with torch.no_grad():
-            for name, value in saved.items():
-                getattr(model, name)[level].copy_(value)
+        for name, value in saved.items():
+            getattr(model, name)[level].copy_(value)
+        finer_energy = own_energy
     return pruned
