@@ -61,11 +61,10 @@ from tree_sae import fit as fit_tree_sae
 from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
 from hsae.evaluation.metrics import evaluate_with_copies
 from hsae.flags import section_overrides
-from hsae.interop.posthoc import link_by_firing, link_levels
+from hsae.interop.posthoc import LINK_ROWS, firing_forest, link_levels
 from hsae.io import atomic_write_json
 from hsae.method.model import HSAE, unit_rows
-from hsae.method.prune import prune_levels
-from hsae.method.train import PRUNE_ROWS, Trainer
+from hsae.method.train import Trainer
 from hsae.trained_dir import LevelWeights
 
 
@@ -397,22 +396,21 @@ Tree SAE's links are its allocation, part of what it trains)."""
 PEER_LINKS = {"conditional": "likely", "specific": "specific", "pruned": "specific"}
 """--peer-links values beyond `own` (the peer's own post-hoc rule): hsae's conditional
 rule with its parent_pick; pruned: hsae's pruned levels first (hsae.method.prune, at
-tolerance 0, on the first PRUNE_ROWS training rows), then the most specific parent."""
-LINK_ROWS = 262_144
-"""Training rows whose firing the conditional rule counts for a peer's post-hoc links."""
+tolerance 0, on the first PRUNE_ROWS training rows), then the most specific parent: what
+`hsae posthoc --data ROWS --prune` does (hsae.interop.posthoc.firing_forest)."""
 
 
 def peer_links(model, parents: list, rows: Tensor, links: str) -> tuple[HSAE, list]:
-    """The peer's own links, or its levels linked again by hsae's conditional rule (pruned
-    first: on a copy, so that the peer's other rows read its own levels)."""
+    """The peer's own links, or its levels linked again by hsae's conditional rule on its
+    first LINK_ROWS training rows (pruned first: on a copy, so that the peer's other rows
+    read its own levels)."""
     if links == "own":
         return model, parents
     if links == "pruned":
         model = copy.deepcopy(model)
-        head = [model.scaled(rows[i : i + 4096]) for i in range(0, PRUNE_ROWS, 4096)]
-        prune_levels(model, head, tolerance=0.0)
     batches = (rows[i : i + 4096] for i in range(0, min(LINK_ROWS, rows.shape[0]), 4096))
-    return model, link_by_firing(model, batches, PEER_LINKS[links])
+    _, parents = firing_forest(model, batches, PEER_LINKS[links], prune=links == "pruned")
+    return model, parents
 
 
 # ---------------------------------------------------------------- the measures

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from hsae import io, pipeline
-from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
+from hsae.config import ConfigError, HSAEConfig, ParentPick, RunConfig, TrainConfig
 from hsae.data.planted import PlantedConfig
 from hsae.evaluation.report_table import format_report
 from hsae.flags import (
@@ -30,7 +30,13 @@ from hsae.flags import (
     options_from,
     outputs,
 )
-from hsae.interop.posthoc import build_posthoc
+from hsae.interop.posthoc import (
+    LINK_ROWS,
+    firing_forest,
+    levels_model,
+    link_levels,
+    read_sae_lens,
+)
 from hsae.io import FormatError, atomic_write_json, load_json
 from hsae.method import distributed
 from hsae.trained import MODEL_DIR, TrainedHSAE
@@ -84,9 +90,7 @@ def cmd_train(opts: TrainOptions) -> None:
         f"model written to {Path(opts.out) / MODEL_DIR}"
     )
     if cfg.model.prune:
-        pruned = result.summary["pruned_levels"]
-        taken = ", ".join(f"level {lv} from level {lv + 1}" for lv in pruned)
-        print(f"pruned: {taken or 'none (every level explains more with its own features)'}")
+        print(pruned_text(result.summary["pruned_levels"]))
     if opts.eval_tokens:
         report = pipeline.evaluate_model(
             result.model, result.hierarchy.parents, source, opts.eval_tokens
@@ -163,33 +167,81 @@ def cmd_cache(req: pipeline.CacheRequest) -> None:
     )
 
 
+def pruned_text(pruned: list[int]) -> str:
+    """What pruning did (hsae.method.prune), as `hsae train` and `hsae posthoc` print it."""
+    taken = ", ".join(f"level {lv} from level {lv + 1}" for lv in pruned)
+    return f"pruned: {taken or 'none (every level explains more with its own features)'}"
+
+
 @dataclass(kw_only=True)
 class PosthocOptions:
     sae_dirs: list[str] = option(help="SAE Lens directories, smallest first", positional=True)
     out: str = option(help="where to write the forest (HSAE format)", output="dir")
-    similarity: Literal["encoder", "decoder"] = option("encoder", "how a child finds its parent")
-    tree: Literal["partial", "full", "binary"] = option("partial", "which links are kept")
+    data: str | None = option(None, "a .npy file (N, d) or a cache directory (hsae cache): "
+                              "link by firing on its rows")  # fmt: skip
+    similarity: Literal["auto", "encoder", "decoder", "conditional"] = option(
+        "auto", "how a child finds its parent (auto: conditional with --data, else encoder)"
+    )
+    parent_pick: ParentPick = option("specific", "conditional links: the most likely or the "
+                                     "most specific parent")  # fmt: skip
+    prune: bool = option(False, "take a coarse level from the finer level's strongest "
+                         "features where they fit as well (needs --data)")  # fmt: skip
+    prune_tolerance: float = option(0.0, "FVE a pruned level may lose", low=0.0)
+    link_tokens: int = option(LINK_ROWS, "rows of --data whose firing is counted", low=1)
+    eval_frac: float = option(0.05, f"{EVAL_FRAC} or cache, left out of the links for "
+                              "hsae eval", low=0.0, high=0.5)  # fmt: skip
+    tree: Literal["partial", "full", "binary"] = option("partial", "which cosine links are kept")
     unassigned_quantile: float = option(0.2, "share of children left without a parent "
-                                        "(partial tree)", low=0.0, high=1.0)  # fmt: skip
+                                        "(cosine links)", low=0.0, high=1.0)  # fmt: skip
     overwrite: bool = option(False, "replace what --out holds")
+    quiet: bool = option(False, "no progress bar")
+
+    @property
+    def link_rule(self) -> str:
+        if self.similarity == "auto":
+            return "conditional" if self.data else "encoder"
+        return self.similarity
+
+    def validate(self) -> None:
+        if self.link_rule == "conditional" and not self.data:
+            raise ConfigError("conditional links count firing: pass --data ACTIVATIONS")
+        if self.prune and self.link_rule != "conditional":
+            raise ConfigError("--prune needs --data ACTIVATIONS and conditional links (a cosine "
+                              "link would join a kept feature to its own copy)")  # fmt: skip
 
 
 def cmd_posthoc(opts: PosthocOptions) -> None:
     out = Path(opts.out)
     if out.exists() and any(out.iterdir()) and not opts.overwrite:
         raise ConfigError(f"{out}: exists and is not empty; --overwrite replaces it")
-    model, parents = build_posthoc(opts.sae_dirs, similarity=opts.similarity, tree=opts.tree,
-                                   unassigned_quantile=opts.unassigned_quantile)  # fmt: skip
-    config = {"posthoc": {"sources": [str(Path(d).resolve()) for d in opts.sae_dirs],
-                          "similarity": opts.similarity, "tree": opts.tree,
-                          "unassigned_quantile": opts.unassigned_quantile}}  # fmt: skip
+    levels = [read_sae_lens(d) for d in opts.sae_dirs]
+    settings = {"sources": [str(Path(d).resolve()) for d in opts.sae_dirs],
+                "similarity": opts.link_rule}  # fmt: skip
+    config = {"posthoc": settings}
+    if opts.link_rule == "conditional":
+        model = levels_model(levels)
+        source = pipeline.file_source(opts.data, opts.eval_frac, model.d_in)
+        rows = pipeline.firing_rows(source, opts.link_tokens, progress=not opts.quiet)
+        pruned, parents = firing_forest(model, rows, opts.parent_pick, opts.prune,
+                                        opts.prune_tolerance)  # fmt: skip
+        settings.update(parent_pick=opts.parent_pick, link_tokens=opts.link_tokens,
+                        prune=opts.prune, prune_tolerance=opts.prune_tolerance,
+                        pruned_levels=pruned)  # fmt: skip
+        config["data"] = source.description  # `hsae eval OUT` measures on its held-out rows
+        counted = min(opts.link_tokens, source.train_rows.n)
+        how = f"links by firing on {counted:,} rows of {opts.data}"
+    else:
+        model, parents = link_levels(levels, opts.link_rule, opts.tree, opts.unassigned_quantile)
+        settings.update(tree=opts.tree, unassigned_quantile=opts.unassigned_quantile)
+        how = f"links by {opts.link_rule} cosine"
     TrainedHSAE(model, parents, config).save(opts.out)
     linked = [int((p >= 0).sum()) for p in parents]
-    print(
-        f"post-hoc forest over {len(opts.sae_dirs)} SAEs (sizes {list(model.sizes)}): "
-        f"{linked} linked children per level pair; written to {opts.out}; "
-        f"measure it with: hsae eval {opts.out} --data ACTIVATIONS"
-    )
+    print(f"post-hoc forest over {len(opts.sae_dirs)} SAEs (sizes {list(model.sizes)}), {how}")
+    if opts.prune:
+        print(pruned_text(pruned))
+    data = "" if opts.data else " --data ACTIVATIONS"
+    print(f"{linked} linked children per level pair; written to {opts.out}; "
+          f"measure it with: hsae eval {opts.out}{data}")  # fmt: skip
 
 
 @dataclass(kw_only=True)

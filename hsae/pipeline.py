@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from hsae import io
 from hsae.config import ConfigError, RunConfig
@@ -84,6 +85,19 @@ def file_source(path: str, eval_frac: float, expected_d: int | None = None) -> S
     description = {"kind": kind, "path": str(Path(path).resolve()), "eval_frac": eval_frac,
                    "rows": len(rows), "sha256": data_fingerprint(rows)}  # fmt: skip
     return Source(rows.d, description, train_rows=train_rows, eval_rows=eval_rows)
+
+
+def firing_rows(source: Source, n_tokens: int, progress: bool, batch_size: int = 4096):
+    """The first ``n_tokens`` training rows of a file source, in file order, as raw batches
+    under a progress bar: what `hsae posthoc --data` counts firing on."""
+    total = min(n_tokens, source.train_rows.n)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="firing", disable=not progress) as bar:
+        for x in source.train_rows.sequential(batch_size):
+            x = x[: total - bar.n]
+            bar.update(x.shape[0])
+            yield x
+            if bar.n >= total:
+                return
 
 
 def data_fingerprint(rows: NpyActivations | CachedActivations) -> str:

@@ -5,6 +5,11 @@ HSAE uses during training (section 4.2). This module does that for any SAE Lens
 directories of growing size, so existing SAEs can be compared with an HSAE on the same
 measures (`hsae eval`).
 
+With activations (`hsae posthoc --data`) the levels are linked by hsae's conditional rule
+instead, P(parent fires | child fires) counted over the rows (`firing_forest`), and may be
+pruned first (hsae.method.prune): a flat SAE absorbs parents into their children, and the
+finer SAE's strongest features often hold them.
+
 SAE Lens encodes h = (x - b_dec) W_enc + b_enc when `apply_b_dec_to_input` is true and
 h = x W_enc + b_enc otherwise; JumpReLU SAEs return relu(h) * (h > threshold), standard
 SAEs relu(h). Both are HSAE levels on raw activations (scale 1): without the b_dec
@@ -14,7 +19,8 @@ threshold acts as 0 behind the relu.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -24,10 +30,14 @@ from hsae.config import HSAEConfig, ParentPick
 from hsae.io import FormatError
 from hsae.method.hierarchy import Hierarchy
 from hsae.method.model import HSAE
+from hsae.method.prune import PRUNE_ROWS, prune_levels
 from hsae.trained import model_from_levels
 from hsae.trained_dir import LevelWeights
 
 ARCHITECTURES = ("jumprelu", "standard")
+LINK_ROWS = 262_144
+"""Rows whose firing the conditional rule counts for post-hoc links (`hsae posthoc --data`
+and the benchmark's peers)."""
 
 
 def read_sae_lens(directory: str | Path) -> LevelWeights:
@@ -50,12 +60,6 @@ def read_sae_lens(directory: str | Path) -> LevelWeights:
     return LevelWeights(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold)
 
 
-def build_posthoc(directories: list[str], **link_options) -> tuple[HSAE, list[torch.Tensor]]:
-    """The SAEs as the levels of one model (scale 1) and the post-hoc parent arrays;
-    ``link_options`` are `link_levels`'s (similarity, tree, unassigned_quantile)."""
-    return link_levels([read_sae_lens(d) for d in directories], **link_options)
-
-
 def link_levels(
     levels: list[LevelWeights],
     similarity: str = "encoder",
@@ -63,19 +67,58 @@ def link_levels(
     unassigned_quantile: float = 0.2,
 ) -> tuple[HSAE, list[torch.Tensor]]:
     """SAE levels on raw activations as one model (scale 1) and its post-hoc parent arrays."""
-    sizes = tuple(int(level.W_enc.shape[1]) for level in levels)
-    widths = {int(level.W_enc.shape[0]) for level in levels}
-    if len(widths) != 1:
-        raise FormatError(f"the SAEs read activations of different widths: {sorted(widths)}")
     if similarity not in ("encoder", "decoder"):
         raise FormatError("posthoc links use encoder or decoder similarity (no activations)")
-    cfg = HSAEConfig(sizes=sizes, target_l0=1, similarity=similarity, tree=tree,
+    cfg = HSAEConfig(sizes=level_sizes(levels), target_l0=1, similarity=similarity, tree=tree,
                      unassigned_quantile=unassigned_quantile)  # fmt: skip
     cfg.validate()  # increasing sizes, a valid tree and quantile
-    model = model_from_levels(levels, cfg.bandwidth, scale=1.0)
+    model = levels_model(levels)
     hierarchy = Hierarchy(cfg)
     hierarchy.update(model)
     return model, hierarchy.parents
+
+
+def level_sizes(levels: list[LevelWeights]) -> tuple[int, ...]:
+    """The levels' sizes, once they are known to read activations of one width."""
+    widths = {int(level.W_enc.shape[0]) for level in levels}
+    if len(widths) != 1:
+        raise FormatError(f"the SAEs read activations of different widths: {sorted(widths)}")
+    return tuple(int(level.W_enc.shape[1]) for level in levels)
+
+
+def levels_model(levels: list[LevelWeights]) -> HSAE:
+    """SAE levels on raw activations as one model (scale 1)."""
+    HSAEConfig(sizes=level_sizes(levels), target_l0=1).validate()  # increasing sizes
+    return model_from_levels(levels, HSAEConfig.bandwidth, scale=1.0)
+
+
+def firing_forest(
+    model: HSAE,
+    batches: Iterable[torch.Tensor],
+    parent_pick: ParentPick = "specific",
+    prune: bool = False,
+    tolerance: float = 0.0,
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Links by firing on ``batches`` (raw rows, read once), after pruning the levels on
+    their first PRUNE_ROWS rows when ``prune``: the pruned levels (finest first) and the
+    parent arrays. ``model``'s levels are pruned in place."""
+    batches = iter(batches)
+    head, pruned = [], []
+    if prune:
+        head = first_rows(batches, PRUNE_ROWS)
+        pruned = prune_levels(model, [model.scaled(x) for x in head], tolerance)
+    return pruned, link_by_firing(model, itertools.chain(head, batches), parent_pick)
+
+
+def first_rows(batches: Iterator[torch.Tensor], n_rows: int) -> list[torch.Tensor]:
+    """Batches taken from ``batches`` until they hold ``n_rows`` rows (or it runs out)."""
+    taken, count = [], 0
+    for x in batches:
+        taken.append(x)
+        count += x.shape[0]
+        if count >= n_rows:
+            break
+    return taken
 
 
 @torch.no_grad()

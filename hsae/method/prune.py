@@ -25,6 +25,10 @@ from hsae.method import distributed
 from hsae.method.model import HSAE
 from hsae.trained_dir import LEVEL_KEYS
 
+PRUNE_ROWS = 65_536
+"""Rows the pruning decision and the links after it read (after training; `hsae posthoc
+--prune`)."""
+
 
 @torch.no_grad()
 def level_fit(model: HSAE, level: int, rows: list[Tensor]) -> tuple[float, Tensor]:

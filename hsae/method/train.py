@@ -42,8 +42,6 @@ Stream = Callable[[int], Iterator[Tensor]]
 """stream(start_step) yields the raw (unscaled) batch of every step from start_step on."""
 
 CHECKPOINT = "checkpoint.safetensors"
-PRUNE_ROWS = 65_536
-"""Rows the pruning decision and the links after it read (hsae.method.prune)."""
 
 
 def step_generator(seed: int, step: int, stream: int, device: torch.device | str = "cpu"):
@@ -423,7 +421,7 @@ class Trainer:
         """Pruned levels (hsae.method.prune), decided on the PRUNE_ROWS rows that follow the
         run's, then the links made again on them (joint or post hoc: the counts of the run
         describe the features that were replaced)."""
-        n_batches = max(1, PRUNE_ROWS // self.cfg.train.batch_size)
+        n_batches = max(1, prune.PRUNE_ROWS // self.cfg.train.batch_size)
         rows = [self.model.scaled(next(batches)) for _ in range(n_batches)]
         self.pruned = prune.prune_levels(self.model, rows, self.cfg.model.prune_tolerance)
         if self.pruned:
