@@ -146,7 +146,8 @@ class HSAEConfig:
     """joint: HSAE. posthoc: no links while training, one hierarchy update at the end."""
     link_threshold: float = 0.8
     """Conditional rule: a child whose best P(parent fires | child fires) is below this
-    gets no parent (in place of unassigned_quantile)."""
+    gets no parent (in place of unassigned_quantile), and a parent that fires on this
+    share of all tokens or more is no candidate (dense: any child would pass beside it)."""
     parent_pick: ParentPick = "likely"
     """Conditional rule: which of a child's eligible parents (P(parent fires | child
     fires) >= link_threshold, not a copy) it takes. likely: the highest P(p|c); specific:

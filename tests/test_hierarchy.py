@@ -379,11 +379,12 @@ def test_conditional_state_round_trip() -> None:
 def _nested_parents_case() -> tuple[HSAE, list[torch.Tensor]]:
     """Two candidate parents, one broad and one inside it, and three children, 10 tokens.
 
-    - parent 0 fires on every token, parent 1 on t0-t3 (inside parent 0);
-    - child 0 fires on t0, t1: both parents score P(p|c) = 1; P(c|p) is 0.2 for parent 0
+    - parent 0 fires on t0-t6 (not dense: 70 % of the tokens), parent 1 on t0-t3 (inside
+      parent 0);
+    - child 0 fires on t0, t1: both parents score P(p|c) = 1; P(c|p) is 2/7 for parent 0
       and 0.5 for parent 1, the most specific;
     - child 1 fires on t1-t5: P(p|c) is 1 for parent 0 and 0.6 for parent 1, which is
-      not eligible though its P(c|p), 0.75, is the higher;
+      not eligible though its P(c|p), 0.75, is higher than parent 0's 5/7;
     - child 2 fires on t0-t3 along parent 1's direction: a copy of parent 1, no candidate.
     """
     model = HSAE(4, (2, 3), bandwidth=0.5, seed=0)
@@ -392,7 +393,7 @@ def _nested_parents_case() -> tuple[HSAE, list[torch.Tensor]]:
         model.W_dec[0].copy_(eye[:2])
         model.W_dec[1].copy_(torch.stack([eye[2], eye[3], eye[1]]))
     parents = torch.zeros(10, 2)
-    parents[:, 0] = 1.0
+    parents[0:7, 0] = 1.0
     parents[0:4, 1] = 1.0
     children = torch.zeros(10, 3)
     children[0:2, 0] = 1.0
@@ -413,6 +414,38 @@ def test_parent_pick_takes_the_most_likely_or_the_most_specific_eligible_parent(
     assert hier.parents[0].tolist() == expected
 
 
+@pytest.mark.parametrize(("parent_tokens", "linked"), [(7, True), (8, False), (10, False)])
+def test_a_dense_parent_is_no_candidate(parent_tokens: int, linked: bool) -> None:
+    """Two children on t0, t1 under a parent on the first ``parent_tokens`` of 10 tokens:
+    P(p|c) = 1 each time, but a parent on at least link_threshold (0.8) of all tokens
+    would pass the threshold beside any child, so it takes none."""
+    model = HSAE(4, (1, 2), bandwidth=0.5, seed=0)
+    with torch.no_grad():
+        model.W_dec[0].copy_(torch.eye(4)[:1])
+        model.W_dec[1].copy_(torch.eye(4)[1:3])
+    parent, children = torch.zeros(10, 1), torch.zeros(10, 2)
+    parent[:parent_tokens] = 1.0
+    children[:2] = 1.0
+    hier = Hierarchy(HSAEConfig(sizes=(1, 2), target_l0=1.0, similarity="conditional"))
+    hier.observe([parent, children])
+    hier.update(model)
+    assert hier.parents[0].tolist() == ([0, 0] if linked else [-1, -1])
+
+
+def test_the_token_count_travels_with_the_counts_and_older_checkpoints_take_none_as_dense():
+    cfg = HSAEConfig(sizes=(1, 2), target_l0=1.0, similarity="conditional")
+    hier = Hierarchy(cfg)
+    hier.observe([torch.ones(10, 1), torch.zeros(10, 2)])
+    state = hier.state_tensors()
+    assert float(state["hierarchy.tokens"]) == 10.0
+    resumed = Hierarchy(cfg)
+    resumed.load_state_tensors(state, frozen=False)
+    assert float(resumed.tokens) == 10.0
+    del state["hierarchy.tokens"]  # a checkpoint written before the count
+    resumed.load_state_tensors(state, frozen=False)
+    assert float(resumed.tokens) == float("inf")
+
+
 def test_link_by_firing_links_a_planted_child_from_raw_rows() -> None:
     """Post-hoc conditional links from rows: level 0 reads e0 and e2, level 1 reads e1 (a
     child that only occurs with e0), e0 again and e2 again (copies). Only the child is
@@ -423,7 +456,7 @@ def test_link_by_firing_links_a_planted_child_from_raw_rows() -> None:
     level1 = LevelWeights(W_enc=eye[:, [1, 0, 2]], b_enc=torch.zeros(3), W_dec=eye[[1, 0, 2]],
                           b_dec=torch.zeros(3), threshold=torch.full((3,), 0.5))  # fmt: skip
     model, by_cosine = link_levels([level0, level1], tree="full")
-    rows = torch.stack([eye[0], eye[0] + eye[1], eye[2], eye[0] + eye[1], eye[0]])
+    rows = torch.stack([eye[0], eye[0] + eye[1], eye[2], eye[0] + eye[1], eye[0], eye[2]])
     parents = link_by_firing(model, [rows[:2], rows[2:]])
     assert parents[0].tolist() == [0, -1, -1]
     assert by_cosine[0].tolist()[1:] == [0, 1]

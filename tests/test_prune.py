@@ -93,7 +93,7 @@ def test_relinked_children_find_the_kept_parent_and_never_their_own_copy():
     prune_levels(model, rows, tolerance=0.0)  # level 0 = e0 (parent), e1 (a child)
     cfg = HSAEConfig(sizes=(2, 4), target_l0=1, parent_pick="specific")
     hierarchy = Hierarchy(cfg)
-    hierarchy.relink(model, rows)
+    hierarchy.relink(model, [*rows, torch.zeros(8, 4)])  # e0 on 2/3 of the rows: not dense
     # e1, e2, e3 fire only with e0: each links to level 0's e0; e1's copy at level 0 is
     # refused (same direction, same tokens), and e0 has no parent that fires on all its rows
     assert hierarchy.parents[0].tolist() == [-1, 0, 0, 0]

@@ -11,8 +11,10 @@ binary (at most two children per parent), fixed (frozen after the first update).
 
 Conditional rule (beyond the paper): S[j, i] = P(i fires | j fires), counted over the
 tokens since the last update. A parent fires wherever its child does, so the true parent
-scores 1 whatever the two directions; copies (hsae.method.copies) and parents that never
-fired are no candidates, and a child whose best S is below `link_threshold` gets -1.
+scores 1 whatever the two directions; copies (hsae.method.copies), parents that never
+fired and dense parents, firing on at least `link_threshold` of all tokens (any child
+would pass the threshold beside them: P(p | c) >= P(p) says nothing), are no candidates,
+and a child whose best S is below `link_threshold` gets -1.
 Among the eligible parents (S >= link_threshold) a child takes the most likely (highest
 S) or, with parent_pick = specific, the most specific: the highest P(j fires | i fires).
 """
@@ -167,6 +169,7 @@ class Hierarchy:
         # conditional rule: counts since the last update (both-fire per pair, fires per level)
         self.both: list[Tensor] | None = None
         self.fires: list[Tensor] | None = None
+        self.tokens = torch.zeros((), device=device)  # the tokens the counts are over
         if cfg.link_rule == "conditional":
             self.both = [torch.zeros(b, a, device=device) for a, b in zip(cfg.sizes, cfg.sizes[1:])]
             self.fires = [torch.zeros(n, device=device) for n in cfg.sizes]
@@ -182,6 +185,7 @@ class Hierarchy:
         token of one rank must still score P(p|c) = 1, not 1/2 clamped)."""
         if self.both is not None and self.fires is not None:
             fired = [a > 0 for a in acts]
+            self.tokens += fired[0].shape[0] * distributed.world_size()  # equal local batches
             for level, f in enumerate(fired):
                 self.fires[level] += distributed.total(f.sum(0).float())
             for level, stats in enumerate(self.both):
@@ -198,7 +202,8 @@ class Hierarchy:
         assert self.both is not None and self.fires is not None
         n_child, n_parent, both = self.fires[level + 1], self.fires[level], self.both[level]
         S = conditional_similarity(model, level, both, n_child, n_parent)
-        eligible = self.cfg.link_threshold <= S
+        dense = n_parent >= self.cfg.link_threshold * self.tokens
+        eligible = (self.cfg.link_threshold <= S) & ~dense[None, :]
         if self.cfg.parent_pick == "specific":
             S = (both / n_parent.clamp(min=1)[None, :]).masked_fill(~eligible, -1.0)
         parent = S.argmax(dim=1)
@@ -221,7 +226,7 @@ class Hierarchy:
             self.parents[level] = assign_parents(S, self.cfg.tree, self.cfg.unassigned_quantile)
         if self.cfg.nested:
             unlink_inherited(self.parents, self.cfg.sizes)
-        for counts in (self.both or []) + (self.fires or []):
+        for counts in (self.both or []) + (self.fires or []) + [self.tokens]:
             counts.zero_()  # the next update reads the tokens after this one
         self.frozen = self.cfg.tree == "fixed"
 
@@ -229,7 +234,7 @@ class Hierarchy:
     def relink(self, model: HSAE, rows: list[Tensor]) -> None:
         """Links made afresh from the model's firing on ``rows`` (scaled batches): after its
         features were replaced (hsae.method.prune), the counts so far describe others."""
-        for counts in (self.both or []) + (self.fires or []):
+        for counts in (self.both or []) + (self.fires or []) + [self.tokens]:
             counts.zero_()
         for x in rows:
             self.observe(model.encode(x))
@@ -244,6 +249,8 @@ class Hierarchy:
             out[f"hierarchy.both.{i}"] = c
         for i, c in enumerate(self.fires or []):
             out[f"hierarchy.fires.{i}"] = c
+        if self.fires is not None:
+            out["hierarchy.tokens"] = self.tokens
         return out
 
     def load_state_tensors(self, tensors: dict[str, Tensor], frozen: bool) -> None:
@@ -253,4 +260,8 @@ class Hierarchy:
         if self.both is not None and self.fires is not None:
             self.both = [tensors[f"hierarchy.both.{i}"].clone() for i in range(len(self.both))]
             self.fires = [tensors[f"hierarchy.fires.{i}"].clone() for i in range(len(self.fires))]
+            # a checkpoint written before the token count: no parent counts as dense
+            # until the counts restart at the next update
+            self.tokens = tensors.get("hierarchy.tokens", torch.tensor(float("inf"))).clone()
+            self.tokens = self.tokens.to(self.fires[0].device)
         self.frozen = frozen
