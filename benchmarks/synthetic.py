@@ -58,11 +58,11 @@ from torch import Tensor
 from tree_sae import TreeLevels, TreeSAEConfig
 from tree_sae import fit as fit_tree_sae
 
-from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig
+from hsae.config import ConfigError, HSAEConfig, RunConfig, TrainConfig, read_config_file
 from hsae.evaluation.metrics import evaluate_with_copies
 from hsae.flags import section_overrides
 from hsae.interop.posthoc import LINK_ROWS, firing_forest, link_levels
-from hsae.io import atomic_write_json
+from hsae.io import FormatError, atomic_write_json
 from hsae.method.model import HSAE, unit_rows
 from hsae.method.train import Trainer
 from hsae.trained_dir import LevelWeights
@@ -548,12 +548,9 @@ def config_file_fields(parser: argparse.ArgumentParser, path: str | None) -> dic
     if path is None:
         return {}
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        parser.error(f"--config {path}: {err}")
-    if not isinstance(data, dict) or set(data) - {"model", "train"}:
-        parser.error(f"--config {path}: expected an object with 'model' and 'train' sections")
+        data = read_config_file(path)  # hsae train --config's reader
+    except (ConfigError, FormatError) as err:
+        parser.error(f"--config: {err}")
     return data.get("model", {}) | {f"train.{k}": v for k, v in data.get("train", {}).items()}
 
 

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Literal
 
 from hsae import io, pipeline
-from hsae.config import ConfigError, HSAEConfig, ParentPick, RunConfig, TrainConfig
+from hsae.config import (
+    ConfigError,
+    HSAEConfig,
+    ParentPick,
+    RunConfig,
+    TrainConfig,
+    read_config_file,
+)
 from hsae.data.planted import PlantedConfig
 from hsae.evaluation.report_table import format_report
 from hsae.flags import (
@@ -37,7 +44,7 @@ from hsae.interop.posthoc import (
     link_levels,
     read_sae_lens,
 )
-from hsae.io import FormatError, atomic_write_json, load_json
+from hsae.io import FormatError, atomic_write_json
 from hsae.method import distributed
 from hsae.trained import MODEL_DIR, TrainedHSAE
 
@@ -65,10 +72,7 @@ class TrainOptions:
 
 def run_config(opts: TrainOptions) -> RunConfig:
     """The config file's sections, then the flags over them."""
-    data = load_json(opts.config) if opts.config else {}
-    unknown = sorted(set(data) - {"model", "train"})
-    if unknown:
-        raise ConfigError(f"{opts.config}: unknown section(s) {', '.join(unknown)}")
+    data = read_config_file(opts.config) if opts.config else {}
     for section in ("model", "train"):
         data[section] = {**data.get(section, {}), **opts.sections[section]}
     cfg = RunConfig.from_dict(data)

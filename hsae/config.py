@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
+from hsae.io import PathLike, load_json
+
 Method = Literal["hsae", "paper"]
 Similarity = Literal["encoder", "decoder", "coactivation", "conditional"]
 ParentPick = Literal["likely", "specific"]
@@ -378,6 +380,19 @@ class RunConfig:
         train = _build(TrainConfig, data.get("train", {}))
         model.sizes = tuple(int(n) for n in model.sizes)
         return cls(model=model, train=train)
+
+
+def read_config_file(path: PathLike) -> dict:
+    """A JSON config file: an object with "model" and "train" sections (`hsae train
+    --config`, the benchmark's --config); FormatError or ConfigError in one line."""
+    data = load_json(path)
+    unknown = sorted(set(data) - {"model", "train"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {', '.join(unknown)}")
+    for section in ("model", "train"):
+        if not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f"{path}: section {section!r} must be a JSON object")
+    return data
 
 
 def _build(kind: type, data: dict):
